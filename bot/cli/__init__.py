@@ -1,0 +1,28 @@
+"""The `trimo` command: one group, one module per family of subcommands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from bot.cli.image import image
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
+def cli(verbose: bool) -> None:
+    """Trimo: dispatch coding agents into isolated development containers."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+cli.add_command(image)
+
+
+def main() -> None:
+    cli()

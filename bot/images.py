@@ -1,0 +1,258 @@
+"""Images: the Debian bootstrap, content-hash tags, and builds that are skipped when nothing changed.
+
+An image's identity is the hash of its build context (every file's path, mode and bytes) plus the
+ids of the images it builds FROM, so a change to the base image rebuilds what sits on it. The hash
+is stored as the label `trimo.context-hash`; a build whose hash an image already carries is not a
+build at all: the engine is asked nothing but a lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from bot.errors import ImageBuildError, TrimoError
+
+log = logging.getLogger(__name__)
+
+LABEL_HASH = "trimo.context-hash"
+LABEL_CONTEXT = "trimo.context-name"
+BASE_IMAGE = "trimo/base:bookworm"
+DEBIAN_IMAGE = "debian:bookworm"
+DEBIAN_SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+TAIL_LINES = 30
+_FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)", re.IGNORECASE | re.MULTILINE)
+_ARG_DEFAULT = re.compile(r"^\s*ARG\s+(\w+)=(\S+)", re.IGNORECASE | re.MULTILINE)
+
+Progress = Callable[[str], None]
+
+BOOTSTRAP_WHY = (
+    "No registry answered for {image}, so Trimo makes it here from Debian's archive "
+    "(debootstrap {suite}, then docker import). This happens once per engine."
+)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    tag: str
+    image_id: str
+    context_hash: str
+    built: bool  # False: an image with this context hash existed, nothing was built
+    seconds: float
+
+
+def images_dir() -> Path:
+    """Where Trimo's own images live: `TRIMO_IMAGES_DIR`, else `images/` beside the package."""
+    env = os.environ.get("TRIMO_IMAGES_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "images"
+
+
+def _from_images(dockerfile: Path, buildargs: dict[str, str]) -> list[str]:
+    text = dockerfile.read_text(encoding="utf-8", errors="replace")
+    args = {**dict(_ARG_DEFAULT.findall(text)), **buildargs}
+    names = []
+    for ref in _FROM.findall(text):
+        ref = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), ref)
+        names.append(ref)
+    return names
+
+
+def context_hash(context: Path, dockerfile: str = "Dockerfile",
+                 client: docker.DockerClient | None = None,
+                 buildargs: dict[str, str] | None = None) -> str:
+    """sha256 of the build context and the ids of the images it builds FROM."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file() or p.is_symlink()):
+        rel = path.relative_to(context).as_posix()
+        h.update(rel.encode() + b"\0")
+        if path.is_symlink():
+            h.update(b"link:" + os.readlink(path).encode() + b"\0")
+            continue
+        h.update(oct(path.stat().st_mode & 0o777).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    h.update(b"dockerfile:" + dockerfile.encode() + b"\0")
+    for key, value in sorted((buildargs or {}).items()):
+        h.update(f"arg:{key}={value}".encode() + b"\0")
+    if client is not None:
+        for ref in _from_images(context / dockerfile, buildargs or {}):
+            try:
+                h.update(b"from:" + str(client.images.get(ref).id).encode() + b"\0")
+            except docker.errors.ImageNotFound:
+                h.update(b"from:" + ref.encode() + b"\0")
+    return h.hexdigest()
+
+
+def find_by_hash(client: docker.DockerClient, digest: str) -> str | None:
+    """The id of a local image carrying this context hash, if any."""
+    found = client.api.images(filters={"label": f"{LABEL_HASH}={digest}"})
+    return str(found[0]["Id"]) if found else None
+
+
+def default_tag(context: Path, digest: str) -> str:
+    name = context.resolve().name
+    if name == ".trimo":
+        name = context.resolve().parent.name
+    name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "project"
+    return f"trimo/{name}:ctx-{digest[:12]}"
+
+
+def build_image(
+    client: docker.DockerClient,
+    context: Path,
+    tag: str | None = None,
+    dockerfile: str = "Dockerfile",
+    progress: Progress | None = None,
+    nocache: bool = False,
+    buildargs: dict[str, str] | None = None,
+) -> BuildResult:
+    """Build `context` unless an image with its content hash exists; tag the result `tag`."""
+    say = progress or (lambda _line: None)
+    started = time.monotonic()
+    if not (context / dockerfile).is_file():
+        raise ImageBuildError(f"no {dockerfile} in {context}", [])
+    digest = context_hash(context, dockerfile, client, buildargs)
+    tag = tag or default_tag(context, digest)
+    existing = None if nocache else find_by_hash(client, digest)
+    if existing:
+        repo, _, version = tag.rpartition(":")
+        client.api.tag(existing, repo, version)
+        say(f"image {tag} is up to date (context {digest[:12]}): nothing to build")
+        return BuildResult(tag, existing, digest, False, time.monotonic() - started)
+
+    say(f"building {tag} from {context} (context {digest[:12]})")
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    image_id = None
+    for line in _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs):
+        tail.append(line)
+        if line.startswith("Step ") or line.startswith("Successfully"):
+            say(f"[{time.monotonic() - started:5.1f}s] {line}")
+        m = re.match(r"Successfully built ([0-9a-f]+)", line)
+        if m:
+            image_id = m.group(1)
+        if line.startswith("ERROR: "):
+            raise ImageBuildError(f"building {tag} failed: {line[7:]}", list(tail))
+    if image_id is None:
+        raise ImageBuildError(f"building {tag} failed", list(tail))
+    full_id = str(client.images.get(tag).id)
+    say(f"built {tag} in {time.monotonic() - started:.1f}s")
+    return BuildResult(tag, full_id, digest, True, time.monotonic() - started)
+
+
+def _build_lines(client: docker.DockerClient, context: Path, tag: str, dockerfile: str,
+                 digest: str, nocache: bool, buildargs: dict[str, str] | None) -> Iterator[str]:
+    stream = client.api.build(
+        buildargs=buildargs or None,
+        path=str(context), dockerfile=dockerfile, tag=tag, rm=True, forcerm=True, decode=True,
+        nocache=nocache, labels={LABEL_HASH: digest, LABEL_CONTEXT: context.resolve().name},
+    )
+    pending = ""
+    for chunk in stream:
+        if "error" in chunk:
+            if pending:
+                yield pending
+            yield "ERROR: " + str(chunk["error"]).strip()
+            return
+        pending += str(chunk.get("stream", ""))
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            if line.strip():
+                yield line.rstrip()
+    if pending.strip():
+        yield pending.rstrip()
+
+
+def list_images(client: docker.DockerClient) -> list[dict[str, object]]:
+    """Trimo-built images: tags, context hash, size, age."""
+    rows = []
+    for img in client.api.images(filters={"label": LABEL_HASH}):
+        labels = img.get("Labels") or {}
+        rows.append(
+            {
+                "id": str(img["Id"]).removeprefix("sha256:")[:12],
+                "tags": [t for t in img.get("RepoTags") or [] if t != "<none>:<none>"],
+                "context_hash": labels.get(LABEL_HASH, "")[:12],
+                "size": int(img.get("Size", 0)),
+                "created": int(img.get("Created", 0)),
+            }
+        )
+    return sorted(rows, key=lambda r: -int(str(r["created"])))
+
+
+# -- the Debian image and the base image -------------------------------------------------------
+
+
+def image_exists(client: docker.DockerClient, ref: str) -> bool:
+    try:
+        client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def bootstrap_debian(client: docker.DockerClient, progress: Progress | None = None,
+                     image: str = DEBIAN_IMAGE, mirror: str | None = None,
+                     try_pull: bool = True) -> bool:
+    """Make `debian:bookworm` if the engine lacks it; returns True when something was made."""
+    say = progress or (lambda _line: None)
+    if image_exists(client, image):
+        return False
+    if try_pull:
+        say(f"pulling {image} ...")
+        try:
+            repo, _, tag = image.partition(":")
+            client.images.pull(repo, tag=tag or "latest")
+            return True
+        except docker.errors.APIError as exc:
+            say(f"pull failed ({str(exc).splitlines()[0][:120]})")
+    say(BOOTSTRAP_WHY.format(image=image, suite=DEBIAN_SUITE))
+    if shutil.which("debootstrap") is None:
+        raise TrimoError(
+            "debootstrap is not installed: install it (apt-get install debootstrap) "
+            f"or load a Debian image as {image}"
+        )
+    if os.geteuid() != 0:
+        raise TrimoError(f"making {image} with debootstrap needs root: run it with sudo")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="trimo-rootfs-") as root:
+        cmd = ["debootstrap", "--variant=minbase", DEBIAN_SUITE, root,
+               mirror or os.environ.get("TRIMO_DEBIAN_MIRROR", DEFAULT_MIRROR)]
+        say("$ " + " ".join(cmd))
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            if line.startswith("I: Retrieving") or line.startswith("I: Base system"):
+                say(f"[{time.monotonic() - started:5.1f}s] {line.rstrip()}")
+        if proc.wait() != 0:
+            raise ImageBuildError("debootstrap failed", list(tail))
+        say(f"[{time.monotonic() - started:5.1f}s] importing the root filesystem as {image}")
+        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None
+        repo, _, tag = image.partition(":")
+        client.api.import_image_from_data(tar.stdout, repository=repo, tag=tag or "latest")
+        tar.wait()
+    say(f"made {image} in {time.monotonic() - started:.1f}s")
+    return True
+
+
+def ensure_base(client: docker.DockerClient, progress: Progress | None = None) -> BuildResult:
+    """`trimo/base:bookworm`, made (Debian bootstrap included) or reused."""
+    bootstrap_debian(client, progress)
+    return build_image(client, images_dir() / "base", tag=BASE_IMAGE, progress=progress)

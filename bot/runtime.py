@@ -1,0 +1,233 @@
+"""The container runtime: Trimo's containers on a Docker engine, behind a small interface.
+
+Everything goes through the Docker API (archives in and out, logs as a stream), never through host
+bind mounts, so the same code drives a local or a remote engine. Every container carries Trimo's
+labels, which is how the reaper finds what a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "trimo.managed"
+LABEL_RUN = "trimo.run"
+LABEL_PIPELINE = "trimo.pipeline"
+LABEL_OWNER = "trimo.owner"
+
+# Bound what one tar member read from a container may weigh: reports and bundles, not disks.
+MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a run asks of its container."""
+
+    image: str
+    run_id: int
+    pipeline_id: int
+    owner: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    network: str = "bridge"
+    name: str | None = None
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+    def labels(self) -> dict[str, str]:
+        return {
+            LABEL_MANAGED: "1",
+            LABEL_RUN: str(self.run_id),
+            LABEL_PIPELINE: str(self.pipeline_id),
+            LABEL_OWNER: self.owner,
+            **self.extra_labels,
+        }
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A Trimo-labelled container found by the reaper."""
+
+    container_id: str
+    run_id: int | None
+    owner: str
+    status: str
+
+
+class Runtime(Protocol):
+    """What the engine needs of a container backend (Docker today; a cluster could be another)."""
+
+    def create(self, spec: ContainerSpec) -> str: ...
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None: ...
+    def start(self, container_id: str) -> None: ...
+    def lines(self, container_id: str) -> Iterator[str]: ...
+    def wait(self, container_id: str) -> int: ...
+    def stop(self, container_id: str, grace_seconds: int) -> None: ...
+    def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]: ...
+    def remove(self, container_id: str) -> None: ...
+    def exists(self, container_id: str) -> bool: ...
+    def leftovers(self) -> list[Leftover]: ...
+
+
+def files_tar(files: Mapping[str, bytes | str], uid: int = 0, mode: int = 0o644) -> bytes:
+    """A tar archive holding `files` (relative name → content), for `put_archive`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        now = time.time()
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = int(now)
+            info.mode = mode
+            info.uid = info.gid = uid
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class DockerRuntime:
+    """Containers on a Docker engine (local socket or `base_url`)."""
+
+    def __init__(self, client: docker.DockerClient | None = None, base_url: str | None = None):
+        if client is None:
+            client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        self.client = client
+
+    def create(self, spec: ContainerSpec) -> str:
+        kwargs: dict[str, Any] = {
+            "image": spec.image,
+            "detach": True,
+            "environment": dict(spec.env),
+            "labels": spec.labels(),
+            "network_mode": spec.network,
+            "init": False,  # the image's entrypoint is tini already
+        }
+        if spec.name:
+            kwargs["name"] = spec.name
+        if spec.cpus:
+            kwargs["nano_cpus"] = int(spec.cpus * 1e9)
+        if spec.memory_bytes:
+            kwargs["mem_limit"] = spec.memory_bytes
+            kwargs["memswap_limit"] = spec.memory_bytes
+        if spec.pids:
+            kwargs["pids_limit"] = spec.pids
+        container: Container = self.client.containers.create(**kwargs)
+        return str(container.id)
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        if not self.client.api.put_archive(container_id, path, data):
+            raise RuntimeError(f"could not upload into {path} of container {container_id[:12]}")
+
+    def start(self, container_id: str) -> None:
+        self.client.api.start(container_id)
+
+    def lines(self, container_id: str) -> Iterator[str]:
+        """The container's stdout and stderr, line by line, until it exits."""
+        pending = b""
+        for chunk in self.client.api.logs(container_id, stream=True, follow=True):
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                yield raw.decode("utf-8", "replace").rstrip("\r")
+        if pending:
+            yield pending.decode("utf-8", "replace")
+
+    def wait(self, container_id: str) -> int:
+        return int(self.client.api.wait(container_id)["StatusCode"])
+
+    def stop(self, container_id: str, grace_seconds: int) -> None:
+        try:
+            self.client.api.stop(container_id, timeout=grace_seconds)
+        except docker.errors.NotFound:
+            pass
+
+    def kill(self, container_id: str) -> None:
+        try:
+            self.client.api.kill(container_id)
+        except docker.errors.APIError:
+            pass
+
+    def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]:
+        """Copy `path` (a folder) out of the container into `dest`; returns the files written."""
+        try:
+            stream, _ = self.client.api.get_archive(container_id, path)
+        except docker.errors.NotFound:
+            return []
+        buf = io.BytesIO()
+        for chunk in stream:
+            buf.write(chunk)
+            if buf.tell() > MAX_ARCHIVE_BYTES:
+                raise RuntimeError(f"{path} in the container is larger than {MAX_ARCHIVE_BYTES} bytes")
+        buf.seek(0)
+        written: list[Path] = []
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=buf) as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                # Drop the archive's top folder (the basename of `path`).
+                parts = Path(member.name).parts[1:]
+                if not parts or ".." in parts:
+                    continue
+                target = dest.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                if src is None:
+                    continue
+                target.write_bytes(src.read())
+                written.append(target)
+        return written
+
+    def remove(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            # "removal already in progress" is fine; anything else is worth a line.
+            if "already in progress" not in str(exc):
+                log.warning("could not remove container %s: %s", container_id[:12], exc)
+
+    def exists(self, container_id: str) -> bool:
+        try:
+            self.client.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return False
+        return True
+
+    def leftovers(self) -> list[Leftover]:
+        found = []
+        for c in self.client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"}):
+            labels = c.get("Labels") or {}
+            run = labels.get(LABEL_RUN, "")
+            found.append(
+                Leftover(
+                    container_id=c["Id"],
+                    run_id=int(run) if run.isdigit() else None,
+                    owner=labels.get(LABEL_OWNER, ""),
+                    status=c.get("State", ""),
+                )
+            )
+        return found
+
+    def reap(self, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
+        """Remove every Trimo container whose run `is_dead` says is over; returns them."""
+        removed = []
+        for leftover in self.leftovers():
+            if is_dead(leftover):
+                self.remove(leftover.container_id)
+                removed.append(leftover)
+        return removed

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real Docker engine, Trimo's base image, and cleanup of what tests create."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from bot.images import BASE_IMAGE, ensure_base
+from bot.runtime import LABEL_OWNER, DockerRuntime
+from tests.containers import TEST_OWNER
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The team's shared/ folder: `../shared` from the repository root, or TRIMO_SHARED_DIR."""
+    return Path(os.environ.get("TRIMO_SHARED_DIR") or REPO_ROOT.parent / "shared")
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    client = docker.from_env(timeout=600)
+    client.ping()
+    yield client
+    # Whatever a test left behind under the test owner label goes now.
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={TEST_OWNER}"}):
+        c.remove(force=True, v=True)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def runtime(docker_client: docker.DockerClient) -> DockerRuntime:
+    return DockerRuntime(docker_client)
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: docker.DockerClient) -> str:
+    """trimo/base:bookworm, built (or found up to date) once per session."""
+    ensure_base(docker_client)
+    return BASE_IMAGE
