@@ -8,6 +8,8 @@ import sys
 import click
 
 from bot.cli.image import image
+from bot.cli.run import run
+from bot.cli.runs import runs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +24,8 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(image)
+cli.add_command(run)
+cli.add_command(runs)
 
 
 def main() -> None:

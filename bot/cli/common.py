@@ -1,0 +1,71 @@
+"""What every store-using `trimo` command opens first: settings, store, engine, and the reaper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import docker
+
+from bot.engine import Engine
+from bot.errors import SettingsError
+from bot.runtime import DockerRuntime
+from bot.settings import Settings
+from bot.store import Store
+from bot.worker import reap, worker_id
+from bot.workspace import Workspace
+
+NO_ENGINE = "no Docker engine answers ({detail}); start dockerd or set DOCKER_HOST"
+
+
+@dataclass
+class App:
+    settings: Settings
+    store: Store
+    runtime: DockerRuntime | None
+
+    def engine(self) -> Engine:
+        return Engine(
+            store=self.store,
+            workspace=Workspace(self.settings.data_dir),
+            runtime=self.require_runtime(),
+            owner=worker_id(),
+            secret_lookup=self.settings.secret_value,
+            default_timeout=self.settings.default_timeout,
+        )
+
+    def require_runtime(self) -> DockerRuntime:
+        if self.runtime is None:
+            self.runtime = open_runtime(self.settings)
+        return self.runtime
+
+
+def open_runtime(settings: Settings) -> DockerRuntime:
+    try:
+        client = (docker.DockerClient(base_url=settings.docker_url, timeout=600)
+                  if settings.docker_url else docker.from_env(timeout=600))
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise click.ClickException(NO_ENGINE.format(detail=exc)) from exc
+    return DockerRuntime(client)
+
+
+def open_app(settings_path: Path | None = None, need_engine: bool = False) -> App:
+    """Settings, store and (if it answers) the engine; leftovers of dead runs are reaped first."""
+    try:
+        settings = Settings.load(settings_path)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    store = Store(settings.database_url)
+    runtime: DockerRuntime | None
+    if need_engine:
+        runtime = open_runtime(settings)
+    else:
+        try:
+            runtime = open_runtime(settings)
+        except click.ClickException:
+            runtime = None
+    for line in reap(store, runtime):
+        click.echo(f"trimo: {line}", err=True)
+    return App(settings, store, runtime)

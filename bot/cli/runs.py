@@ -1,0 +1,131 @@
+"""`trimo runs`: list, inspect, follow and cancel runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from bot.cli.common import open_app
+from bot.errors import NoSuchRunError
+from bot.states import RunState
+from bot.store import Run, Store
+
+FOLLOW_POLL_SECONDS = 0.5
+CANCELLED_BY_CLI = "cancelled with `trimo runs cancel`"
+settings_option = click.option("--settings", "settings_path", default=None,
+                               type=click.Path(path_type=Path), help="Settings file (TOML).")
+
+
+def _duration(run: Run) -> str:
+    if run.started_at is None:
+        return "-"
+    end = run.finished_at or datetime.now(UTC)
+    return f"{(end - run.started_at).total_seconds():.0f}s"
+
+
+def _tests(run: Run) -> str:
+    if run.tests_passed is None:
+        return "-"
+    return f"{run.tests_passed}/{run.tests_failed}/{run.tests_skipped}"
+
+
+def _get(store: Store, run_id: int) -> Run:
+    try:
+        return store.get_run(run_id)
+    except NoSuchRunError as exc:
+        raise click.ClickException(f"no run {run_id}: `trimo runs ls` lists them") from exc
+
+
+@click.group("runs")
+def runs() -> None:
+    """List, inspect, follow and cancel runs."""
+
+
+@runs.command("ls")
+@click.option("-n", "--limit", default=20, show_default=True)
+@settings_option
+def ls(limit: int, settings_path: Path | None) -> None:
+    """The latest runs."""
+    app = open_app(settings_path)
+    rows = app.store.list_runs(limit=limit)
+    if not rows:
+        click.echo("no runs yet: `trimo run --task ...` starts one")
+        return
+    click.echo(f"{'ID':>5}  {'STATE':<11} {'PIPELINE':<40} {'TESTS P/F/S':<12} {'TIME':>6}  CREATED")
+    for r in rows:
+        p = app.store.get_pipeline(r.pipeline_id)
+        click.echo(f"{r.id:>5}  {r.state.value:<11} {p.branch[:40]:<40} {_tests(r):<12} "
+                   f"{_duration(r):>6}  {r.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@settings_option
+def show(run_id: int, as_json: bool, settings_path: Path | None) -> None:
+    """One run: state, reason, branch, commits, tests."""
+    app = open_app(settings_path)
+    r = _get(app.store, run_id)
+    p = app.store.get_pipeline(r.pipeline_id)
+    info = {
+        "id": r.id, "state": r.state.value, "reason": r.reason, "repo": p.repo,
+        "branch": p.branch, "trigger": r.trigger, "sender": r.sender, "mode": r.mode.value,
+        "base": r.base_sha, "head": r.head_sha, "commits": r.commits,
+        "image": r.image_tag,
+        "tests": None if r.tests_passed is None else {
+            "passed": r.tests_passed, "failed": r.tests_failed, "skipped": r.tests_skipped,
+            "errors": r.tests_errors},
+        "failures": r.failures, "superseded_by": r.superseded_by,
+        "created": r.created_at.isoformat(), "duration": _duration(r),
+        "error": r.error,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if value not in (None, [], ""):
+            click.echo(f"{key + ':':<14}{value}")
+
+
+@runs.command("logs")
+@click.argument("run_id", type=int)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the run finishes.")
+@settings_option
+def logs(run_id: int, follow: bool, settings_path: Path | None) -> None:
+    """A run's log: the container's output and Trimo's own steps."""
+    app = open_app(settings_path)
+    _get(app.store, run_id)
+    after = 0
+    while True:
+        for ev in app.store.events(run_id, after_id=after):
+            after = ev.id
+            stamp = f"{ev.created_at:%H:%M:%S}"
+            if ev.kind == "log":
+                click.echo(f"{stamp}   {ev.message}")
+            elif ev.kind != "event" or (ev.data or {}).get("event") != "heartbeat":
+                click.echo(f"{stamp} ▸ {ev.kind}: {ev.message}")
+        if not follow or app.store.get_run(run_id).finished:
+            break
+        time.sleep(FOLLOW_POLL_SECONDS)
+
+
+@runs.command("cancel")
+@click.argument("run_id", type=int)
+@settings_option
+def cancel(run_id: int, settings_path: Path | None) -> None:
+    """Stop a run: its work so far is committed and pushed, then it ends `cancelled`."""
+    app = open_app(settings_path)
+    r = _get(app.store, run_id)
+    if r.finished:
+        raise click.ClickException(f"run {run_id} already ended: {r.state.value}")
+    if r.state == RunState.QUEUED:
+        app.store.set_state(run_id, RunState.CANCELLED, reason=CANCELLED_BY_CLI)
+        click.echo(f"run {run_id}: cancelled before it started")
+        return
+    if not app.store.request_cancel(run_id, CANCELLED_BY_CLI):
+        raise click.ClickException(f"run {run_id} already ended")
+    click.echo(f"run {run_id}: cancel requested; its worker stops the container and pushes the work so far")

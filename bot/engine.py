@@ -1,0 +1,423 @@
+"""The run engine: one run from claim to report — prepare, boot, agent, test, publish.
+
+Every trigger (a label, a comment command, `trimo run`) ends here. The engine owns the run's
+container from creation to removal: whatever happens, the container goes, and the run ends in a
+finished state with a reason a person can act on. The timeout and cancellation are enforced from
+outside the container (`docker stop`, which makes the runner checkpoint the work so far).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+
+from bot import images
+from bot.errors import ConfigError, ImageBuildError, PublishRefused, TrimoError, WorkspaceError
+from bot.junit import TestReport, parse_junit
+from bot.masking import Masker
+from bot.protocol import (
+    BUNDLE_NAME,
+    IN_DIR,
+    OUT_DIR,
+    SUMMARY_NAME,
+    WORKSPACE,
+    ExitCode,
+    parse_line,
+)
+from bot.repoconfig import RepoConfig, parse_repo_config
+from bot.runtime import ContainerSpec, DockerRuntime, files_tar
+from bot.states import RunMode, RunState
+from bot.store import Run, Store
+from bot.workspace import Checkout, Remote, Result, Workspace
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = ".trimo/config.yml"
+CONFIG_DIR = ".trimo"
+STOP_GRACE_SECONDS = 10
+CANCEL_POLL_SECONDS = 1.0
+LOG_FLUSH_SECONDS = 0.5
+LOG_FLUSH_LINES = 200
+TAIL_LINES = 30
+MAX_SUMMARY_CHARS = 20_000
+
+MISSING_SECRET = (
+    "the repository asks for secret {name} (agent.secrets in .trimo/config.yml), but the server "
+    "has no value for it: set TRIMO_SECRET_{name} (or {name}) in Trimo's environment"
+)
+PREBOOT_FAILED = "preboot failed (exit {code}); the agent did not start"
+AGENT_FAILED = "the agent exited with {code}"
+TESTS_FAILED = "tests failed"
+TIMED_OUT = "timed out after {seconds}s; the work so far was committed and pushed"
+RUNNER_ERROR = "the runner could not start the run: {detail}"
+CONTAINER_DIED = "the container ended without a result (exit {code}, {oom})"
+
+
+class Observer(Protocol):
+    """Who watches a run as it goes: the terminal, the GitHub reporter."""
+
+    def state(self, run: Run) -> None: ...
+    def logs(self, run: Run, lines: list[str]) -> None: ...
+
+
+class NullObserver:
+    def state(self, run: Run) -> None:
+        pass
+
+    def logs(self, run: Run, lines: list[str]) -> None:
+        pass
+
+
+@dataclass
+class RunContext:
+    """What a run is asked to do, beyond its row in the store."""
+
+    remote: Remote
+    extra_secrets: dict[str, str] = field(default_factory=dict)  # e.g. masked tokens
+    default_branch: str | None = None
+
+
+@dataclass
+class _Outcome:
+    state: RunState
+    reason: str | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Executes claimed runs. One instance serves many runs, on as many threads as it likes."""
+
+    def __init__(
+        self,
+        store: Store,
+        workspace: Workspace,
+        runtime: DockerRuntime,
+        owner: str,
+        secret_lookup: Callable[[str], str | None],
+        default_timeout: int = 1800,
+        git_author: tuple[str, str] = ("Trimo", "trimo@localhost"),
+        heartbeat_seconds: int = 5,
+    ) -> None:
+        self.store = store
+        self.workspace = workspace
+        self.runtime = runtime
+        self.owner = owner
+        self.secret_lookup = secret_lookup
+        self.default_timeout = default_timeout
+        self.git_author = git_author
+        self.heartbeat_seconds = heartbeat_seconds
+
+    @property
+    def docker(self) -> docker.DockerClient:
+        return self.runtime.client
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def execute(self, run: Run, ctx: RunContext, observer: Observer | None = None) -> Run:
+        """Drive a claimed run (state `preparing`) to a finished state; returns its final row."""
+        obs = observer or NullObserver()
+        masker = Masker(ctx.extra_secrets.values())
+        obs.state(run)
+        container_id: str | None = None
+        try:
+            checkout, config, image = self._prepare(run, ctx, masker, obs)
+            secrets = self._secrets(config)
+            masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
+            container_id = self._create(run, checkout, config, image, secrets)
+            outcome, out_dir = self._watch(run, container_id, config, masker, obs)
+            try:
+                outcome = self._finish(run, checkout, config, outcome, out_dir, masker, obs)
+            finally:
+                if out_dir is not None:
+                    _rmtree(out_dir)
+        except ConfigError as exc:
+            outcome = _Outcome(RunState.ERROR, f"invalid configuration: {exc}")
+        except ImageBuildError as exc:
+            outcome = _Outcome(RunState.ERROR, f"image build failed: {exc}", list(exc.tail))
+        except TrimoError as exc:
+            outcome = _Outcome(RunState.ERROR, str(exc))
+        except docker.errors.DockerException as exc:
+            outcome = _Outcome(RunState.ERROR, f"Docker engine error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a run must end, whatever broke
+            log.exception("run %s failed unexpectedly", run.id)
+            outcome = _Outcome(RunState.ERROR, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if container_id is not None:
+                self.runtime.remove(container_id)
+        reason = masker.mask(outcome.reason) if outcome.reason else None
+        fields: dict[str, Any] = {}
+        if outcome.tail:
+            fields["error"] = masker.mask("\n".join(outcome.tail))
+        current = self.store.get_run(run.id)
+        if current.superseded_by and outcome.state == RunState.CANCELLED:
+            reason = f"superseded by run {current.superseded_by}"
+        final = self.store.set_state(run.id, outcome.state, reason=reason, **fields)
+        obs.state(final)
+        return final
+
+    # -- preparing: workspace, config, image ----------------------------------------------------
+
+    def _prepare(self, run: Run, ctx: RunContext, masker: Masker,
+                 obs: Observer) -> tuple[Checkout, RepoConfig, str]:
+        pipeline = self.store.get_pipeline(run.pipeline_id)
+        checkout = self.workspace.prepare(ctx.remote, pipeline.branch, ctx.default_branch)
+        self.store.add_event(run.id, "mirror", checkout.sync.describe(),
+                             {"cloned": checkout.sync.cloned, "refs": checkout.sync.refs_updated})
+        self.store.update_run(run.id, base_sha=checkout.base)
+        branch_note = "created" if checkout.new_branch else "reused"
+        self.store.add_event(run.id, "branch", f"branch {checkout.branch} {branch_note} at "
+                             f"{checkout.base[:12]}", {"new": checkout.new_branch})
+        # Configuration and the image come from the default branch, never from the run's branch
+        # or a pull request's head: a PR cannot change what runs with the run's secrets.
+        raw = self.workspace.read_file(checkout, checkout.default_head, CONFIG_FILE)
+        config = parse_repo_config(raw.decode("utf-8", "replace")) if raw else RepoConfig()
+        image = self._image(run, checkout, config, masker)
+        self.store.update_run(run.id, image_tag=image)
+        return checkout, config, image
+
+    def _image(self, run: Run, checkout: Checkout, config: RepoConfig, masker: Masker) -> str:
+        lines: list[str] = []
+
+        def progress(line: str) -> None:
+            lines.append(line)
+
+        base = images.ensure_base(self.docker, progress)
+        with tempfile.TemporaryDirectory(prefix="trimo-ctx-") as tmp:
+            dest = Path(tmp) / CONFIG_DIR
+            self.workspace.extract_dir(checkout, checkout.default_head, CONFIG_DIR, dest)
+            dockerfile = dest / config.image.dockerfile
+            if not dockerfile.is_file():
+                self.store.add_event(run.id, "image", f"image {base.tag} (no .trimo/Dockerfile)",
+                                     {"built": False, "tag": base.tag})
+                return base.tag
+            started = time.monotonic()
+            try:
+                result = images.build_image(self.docker, dest, dockerfile=config.image.dockerfile,
+                                            name=_project_name(checkout), progress=progress)
+            finally:
+                if lines:
+                    self.store.add_logs(run.id, [masker.mask(x) for x in lines])
+            what = "built" if result.built else "reused"
+            self.store.add_event(
+                run.id, "image", f"image {result.tag} {what} in {time.monotonic() - started:.1f}s",
+                {"built": result.built, "tag": result.tag, "hash": result.context_hash},
+            )
+            return result.tag
+
+    def _secrets(self, config: RepoConfig) -> dict[str, str]:
+        values = {}
+        for name in config.secret_names():
+            value = self.secret_lookup(name)
+            if value is None:
+                raise TrimoError(MISSING_SECRET.format(name=name))
+            values[name] = value
+        return values
+
+    # -- the container ------------------------------------------------------------------------
+
+    def _create(self, run: Run, checkout: Checkout, config: RepoConfig, image: str,
+                secrets: dict[str, str]) -> str:
+        agent = None if run.mode == RunMode.TESTS else (run.agent_command or config.agent_command())
+        spec = ContainerSpec(
+            image=image,
+            run_id=run.id,
+            pipeline_id=run.pipeline_id,
+            owner=self.owner,
+            env=secrets,
+            cpus=config.resources.cpus,
+            memory_bytes=config.resources.memory_bytes,
+            pids=config.resources.pids,
+            network=config.network,
+            name=f"trimo-run-{run.id}-{int(time.time())}",
+        )
+        cid = self.runtime.create(spec)
+        self.store.update_run(run.id, container_id=cid)
+        run_json = {
+            "run_id": run.id,
+            "base": checkout.base,
+            "agent_command": agent,
+            "test_command": config.test.command,
+            "secret_names": sorted(secrets),
+            "heartbeat_seconds": self.heartbeat_seconds,
+            "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
+        }
+        with self.workspace.checkout_tar(checkout) as tar:
+            self.runtime.put_archive(cid, WORKSPACE, tar.read())
+        inputs = {
+            f"{IN_DIR.lstrip('/')}/run.json": json.dumps(run_json),
+            f"{IN_DIR.lstrip('/')}/task.md": _task_text(run),
+        }
+        self.runtime.put_archive(cid, "/", files_tar(inputs))
+        return cid
+
+    def _watch(self, run: Run, cid: str, config: RepoConfig, masker: Masker,
+               obs: Observer) -> tuple[_Outcome, Path | None]:
+        timeout = config.timeout_or(self.default_timeout)
+        stop_reason: list[RunState] = []
+        finished = threading.Event()
+
+        def stop(reason: RunState) -> None:
+            if not stop_reason:
+                stop_reason.append(reason)
+                self.store.add_event(run.id, "stop", f"stopping the container: {reason.value}")
+                self.runtime.stop(cid, STOP_GRACE_SECONDS)
+
+        def watchdog() -> None:
+            deadline = time.monotonic() + timeout
+            while not finished.wait(CANCEL_POLL_SECONDS):
+                if time.monotonic() >= deadline:
+                    stop(RunState.TIMED_OUT)
+                    return
+                if self.store.get_run(run.id).cancel_requested:
+                    stop(RunState.CANCELLED)
+                    return
+
+        self.runtime.start(cid)
+        threading.Thread(target=watchdog, name=f"run-{run.id}-watchdog", daemon=True).start()
+        events: dict[str, dict[str, Any]] = {}
+        buffer: list[str] = []
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal last_flush
+            if buffer:
+                self.store.add_logs(run.id, list(buffer))
+                obs.logs(run, list(buffer))
+                buffer.clear()
+            last_flush = time.monotonic()
+
+        try:
+            for line in self.runtime.lines(cid):
+                event = parse_line(line)
+                if event is None:
+                    buffer.append(masker.mask(line))
+                    if len(buffer) >= LOG_FLUSH_LINES or time.monotonic() - last_flush > LOG_FLUSH_SECONDS:
+                        flush()
+                    continue
+                flush()
+                events[event.kind] = event.data
+                if event.kind == "heartbeat":
+                    self.store.heartbeat(run.id)
+                    continue
+                self.store.add_event(run.id, "event", event.kind, masker.mask_obj(event.data))
+                if event.kind == "phase":
+                    state = _PHASE_STATES.get(str(event.data.get("phase")))
+                    if state is not None:
+                        obs.state(self.store.set_state(run.id, state))
+            flush()
+            code = self.runtime.wait(cid)
+        finally:
+            finished.set()
+        out_dir = Path(tempfile.mkdtemp(prefix=f"trimo-run-{run.id}-"))
+        self.runtime.fetch_dir(cid, OUT_DIR, out_dir)
+        return _outcome(code, events, stop_reason, timeout), out_dir
+
+    # -- publishing and the report -------------------------------------------------------------
+
+    def _finish(self, run: Run, checkout: Checkout, config: RepoConfig, outcome: _Outcome,
+                out_dir: Path | None, masker: Masker, obs: Observer) -> _Outcome:
+        fields: dict[str, Any] = {}
+        if out_dir is not None:
+            report = parse_junit(sorted(out_dir.glob(config.test.junit)))
+            if report is not None:
+                fields.update(_test_fields(report, masker))
+            summary = out_dir / SUMMARY_NAME
+            if summary.is_file():
+                fields["summary"] = masker.mask(
+                    summary.read_text(errors="replace")[:MAX_SUMMARY_CHARS])
+        if fields:
+            self.store.update_run(run.id, **fields)
+        bundle = out_dir / BUNDLE_NAME if out_dir is not None else None
+        if bundle is None or not bundle.is_file():
+            return outcome
+        obs.state(self.store.set_state(run.id, RunState.PUBLISHING))
+        try:
+            result = self.workspace.import_bundle(checkout, bundle, run_id=run.id)
+            self._publish(run, checkout, config, result)
+        except PublishRefused as exc:
+            self.store.add_event(run.id, "publish", masker.mask(str(exc)), {"pushed": False})
+            return _Outcome(RunState.FAILED, f"result not published: {masker.mask(str(exc))}",
+                            outcome.tail)
+        except WorkspaceError as exc:
+            return _Outcome(RunState.ERROR, f"publishing failed: {masker.mask(str(exc))}",
+                            outcome.tail)
+        return outcome
+
+    def _publish(self, run: Run, checkout: Checkout, config: RepoConfig, result: Result) -> None:
+        self.workspace.check_protected(result, config.protected_paths)
+        self.workspace.publish(checkout, result)
+        self.store.update_run(run.id, head_sha=result.head, commits=len(result.commits),
+                              report={"commits": [list(c) for c in result.commits],
+                                      "branch": checkout.branch})
+        self.store.add_event(
+            run.id, "publish",
+            f"pushed {len(result.commits)} commit(s) to {checkout.branch} ({result.head[:12]})",
+            {"pushed": True, "head": result.head, "commits": len(result.commits)},
+        )
+
+
+_PHASE_STATES = {
+    "booting": RunState.BOOTING,
+    "agent": RunState.AGENT,
+    "testing": RunState.TESTING,
+}
+
+
+def _outcome(code: int, events: dict[str, dict[str, Any]], stop_reason: list[RunState],
+             timeout: int) -> _Outcome:
+    failure = events.get("failure", {})
+    tail = [str(x) for x in failure.get("tail", [])]
+    if stop_reason:
+        state = stop_reason[0]
+        if state == RunState.TIMED_OUT:
+            return _Outcome(state, TIMED_OUT.format(seconds=timeout))
+        return _Outcome(state, "cancelled")
+    if code == ExitCode.SUCCESS:
+        return _Outcome(RunState.SUCCEEDED)
+    if code == ExitCode.TESTS_FAILED:
+        return _Outcome(RunState.FAILED, TESTS_FAILED, tail)
+    if code == ExitCode.AGENT_FAILED:
+        return _Outcome(RunState.FAILED, AGENT_FAILED.format(code=failure.get("exit_code")), tail)
+    if code == ExitCode.PREBOOT_FAILED:
+        return _Outcome(RunState.ERROR, PREBOOT_FAILED.format(code=failure.get("exit_code")), tail)
+    if code == ExitCode.RUNNER_ERROR:
+        return _Outcome(RunState.ERROR, RUNNER_ERROR.format(detail="; ".join(tail)), tail)
+    oom = "killed: out of memory?" if code == 137 else "no done event"
+    return _Outcome(RunState.ERROR, CONTAINER_DIED.format(code=code, oom=oom), tail)
+
+
+def _test_fields(report: TestReport, masker: Masker) -> dict[str, Any]:
+    return {
+        "tests_passed": report.passed,
+        "tests_failed": report.failed,
+        "tests_skipped": report.skipped,
+        "tests_errors": report.errors,
+        "failures": masker.mask_obj([f.__dict__ for f in report.failures][:200]),
+    }
+
+
+def _task_text(run: Run) -> str:
+    text = run.task.strip() + "\n"
+    if run.instructions:
+        text += f"\n## Follow-up instructions\n\n{run.instructions.strip()}\n"
+    return text
+
+
+def _project_name(checkout: Checkout) -> str:
+    # Mirrors are named `<repository>-<hash8>.git`: the repository's name is what people know.
+    return checkout.mirror.name.removesuffix(".git").rsplit("-", 1)[0]
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""Workers: who owns a run, dispatching (one live run per pipeline), claiming, and the reaper.
+
+A worker is a process; its id names the host, the pid and the process's start time, so a reused
+pid is never mistaken for the worker that died. Runs and containers carry that id. The reaper
+finishes what a dead worker left: its runs become `error` with the reason, its containers go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from bot.engine import Engine, Observer, RunContext
+from bot.runtime import DockerRuntime, Leftover
+from bot.states import ACTIVE, RunMode, RunState
+from bot.store import Pipeline, Run, Store
+
+log = logging.getLogger(__name__)
+
+STALE_HEARTBEAT_SECONDS = 120
+WORKER_DIED = "the worker running it ({owner}) stopped without finishing it; its container was removed"
+SUPERSEDED = "superseded by run {run_id}"
+
+
+def _process_start(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            # Field 22 (starttime) follows the parenthesised command, which may contain spaces.
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def worker_id() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the worker `owner` still runs; None when it is on another host (ask heartbeats)."""
+    try:
+        host, pid, start = owner.rsplit(":", 2)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    if not pid.isdigit():
+        return False
+    return _process_start(int(pid)) == start and start != "0"
+
+
+def _heartbeat_stale(run: Run, now: datetime) -> bool:
+    last = run.heartbeat_at or run.started_at or run.created_at
+    return last is None or (now - last).total_seconds() > STALE_HEARTBEAT_SECONDS
+
+
+def reap(store: Store, runtime: DockerRuntime | None) -> list[str]:
+    """Finish the runs of dead workers and remove containers nobody owns; says what it did."""
+    said: list[str] = []
+    now = datetime.now(UTC)
+    dead_runs: set[int] = set()
+    for run in store.live_runs():
+        if run.state not in ACTIVE or not run.worker_id:
+            continue
+        alive = owner_alive(run.worker_id)
+        if alive is False or (alive is None and _heartbeat_stale(run, now)):
+            dead_runs.add(run.id)
+            store.set_state(run.id, RunState.ERROR, reason=WORKER_DIED.format(owner=run.worker_id))
+            said.append(f"run {run.id}: marked error (its worker {run.worker_id} is gone)")
+    if runtime is None:
+        return said
+
+    def is_dead(leftover: Leftover) -> bool:
+        if leftover.run_id in dead_runs:
+            return True
+        if owner_alive(leftover.owner) is False:
+            return True
+        if leftover.run_id is None:
+            return False
+        try:
+            return store.get_run(leftover.run_id).state.finished
+        except Exception:  # noqa: BLE001 - a container of an unknown run is a leftover
+            return owner_alive(leftover.owner) is not True
+
+    for leftover in runtime.reap(is_dead):
+        said.append(f"removed container {leftover.container_id[:12]} of run {leftover.run_id}")
+    return said
+
+
+def dispatch(
+    store: Store,
+    pipeline: Pipeline,
+    *,
+    trigger: str,
+    task: str,
+    mode: RunMode = RunMode.AGENT,
+    sender: str | None = None,
+    instructions: str | None = None,
+    agent_command: str | None = None,
+    head_sha: str | None = None,
+) -> Run:
+    """Queue a run on `pipeline`; a live run there is superseded (cancelled, and says by what)."""
+    run = store.create_run(
+        pipeline.id, trigger=trigger, task=task, mode=mode, sender=sender,
+        instructions=instructions, agent_command=agent_command, head_sha=head_sha,
+    )
+    for old in store.live_runs(pipeline.id):
+        if old.id == run.id:
+            continue
+        store.update_run(old.id, superseded_by=run.id)
+        if old.state == RunState.QUEUED:
+            store.set_state(old.id, RunState.CANCELLED, reason=SUPERSEDED.format(run_id=run.id))
+        else:
+            store.request_cancel(old.id, SUPERSEDED.format(run_id=run.id))
+    return run
+
+
+@dataclass
+class WorkerPool:
+    """Claims queued runs and executes them, `size` at a time, until stopped."""
+
+    engine: Engine
+    store: Store
+    context_for: Callable[[Run], RunContext]
+    observer_for: Callable[[Run], Observer | None] = lambda run: None
+    size: int = 2
+    poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="trimo-run")
+        self._busy = threading.Semaphore(self.size)
+        self._futures: set[Future[Run | None]] = set()
+
+    def run_forever(self) -> None:
+        reap(self.store, self.engine.runtime)
+        last_reap = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() - last_reap > STALE_HEARTBEAT_SECONDS / 2:
+                reap(self.store, self.engine.runtime)
+                last_reap = time.monotonic()
+            if not self._busy.acquire(timeout=self.poll_seconds):
+                continue
+            run = self.store.claim_run(self.engine.owner)
+            if run is None:
+                self._busy.release()
+                self._stop.wait(self.poll_seconds)
+                continue
+            future = self._pool.submit(self._execute, run)
+            self._futures.add(future)
+            future.add_done_callback(self._futures.discard)
+
+    def _execute(self, run: Run) -> Run | None:
+        try:
+            return self.engine.execute(run, self.context_for(run), self.observer_for(run))
+        except Exception:
+            log.exception("run %s: could not execute", run.id)
+            self.store.set_state(run.id, RunState.ERROR, reason="internal error in the worker")
+            return None
+        finally:
+            self._busy.release()
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=wait)
