@@ -250,8 +250,9 @@ class Engine:
             "heartbeat_seconds": self.heartbeat_seconds,
             "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
         }
-        with self.workspace.checkout_tar(checkout) as tar:
-            self.runtime.put_archive(cid, WORKSPACE, tar.read())
+        # Rooted at "workspace" and put at "/", so /workspace itself is the agent's too.
+        with self.workspace.checkout_tar(checkout, root=WORKSPACE.strip("/")) as tar:
+            self.runtime.put_archive(cid, "/", tar.read())
         inputs = {
             f"{IN_DIR.lstrip('/')}/run.json": json.dumps(run_json),
             f"{IN_DIR.lstrip('/')}/task.md": _task_text(run),

@@ -8,7 +8,7 @@ import sys
 import click
 
 from bot.cli.image import image
-from bot.cli.run import run
+from bot.cli.run import demo, run
 from bot.cli.runs import runs
 
 
@@ -25,6 +25,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(image)
 cli.add_command(run)
+cli.add_command(demo)
 cli.add_command(runs)
 
 

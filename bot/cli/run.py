@@ -146,6 +146,34 @@ def print_summary(console: Console, store: Store, run: Run, branch: str, seconds
     console.print(f"  duration: {seconds:.1f}s", highlight=False)
 
 
+def run_task(repo: Path, text: str, agent_command: str | None,
+             settings_path: Path | None) -> Run:
+    """Dispatch `text` on the local repository `repo` and show it to the end; the final run."""
+    app = open_app(settings_path, need_engine=True)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)
+    slug = slugify(text)
+    key = f"local:{slug}"
+    existing = app.store.find_pipeline(str(repo), key)
+    number = len(app.store.list_pipelines(str(repo))) + 1
+    pipeline = existing or app.store.get_or_create_pipeline(
+        repo=str(repo), key=key, kind=PipelineKind.LOCAL, branch=f"trimo/{number}-{slug}",
+        title=text.strip().splitlines()[0][:200] if text.strip() else slug,
+    )
+    engine = app.engine()
+    queued = dispatch(app.store, pipeline, trigger="cli", task=text, agent_command=agent_command)
+    claimed = app.store.claim_run(engine.owner, queued.id)
+    if claimed is None:
+        raise click.ClickException(f"run {queued.id} was taken by another worker")
+    started = time.monotonic()
+    console.print(f"trimo: run {claimed.id} on {repo} → branch {pipeline.branch}", markup=False)
+    with TerminalProgress(console, claimed.id) as progress:
+        final = engine.execute(claimed, RunContext(remote=Remote(str(repo))),
+                               _Observer(progress, app.store))
+    print_summary(console, app.store, final, pipeline.branch, time.monotonic() - started)
+    app.store.close()
+    return final
+
+
 @click.command("run")
 @click.option("--repo", "repo_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=".", show_default=True, help="The local git repository to work on.")
@@ -163,27 +191,35 @@ def run(repo_path: Path, task: str | None, task_file: click.utils.LazyFile | Non
     repo = repo_path.resolve()
     if not (repo / ".git").exists() and not (repo / "HEAD").exists():
         raise click.ClickException(NOT_A_REPO.format(path=repo))
-    app = open_app(settings_path, need_engine=True)
-    console = Console(stderr=False, highlight=False, soft_wrap=True)
-    slug = slugify(text)
-    key = f"local:{slug}"
-    existing = app.store.find_pipeline(str(repo), key)
-    number = existing.id if existing else len(app.store.list_pipelines(str(repo))) + 1
-    pipeline = existing or app.store.get_or_create_pipeline(
-        repo=str(repo), key=key, kind=PipelineKind.LOCAL, branch=f"trimo/{number}-{slug}",
-        title=text.strip().splitlines()[0][:200] if text.strip() else slug,
-    )
-    engine = app.engine()
-    queued = dispatch(app.store, pipeline, trigger="cli", task=text, agent_command=agent_command)
-    claimed = app.store.claim_run(engine.owner, queued.id)
-    if claimed is None:
-        raise click.ClickException(f"run {queued.id} was taken by another worker")
-    started = time.monotonic()
-    console.print(f"trimo: run {claimed.id} on {repo} → branch {pipeline.branch}", highlight=False,
-                  markup=False)
-    with TerminalProgress(console, claimed.id) as progress:
-        final = engine.execute(claimed, RunContext(remote=Remote(str(repo))),
-                               _Observer(progress, app.store))
-    print_summary(console, app.store, final, pipeline.branch, time.monotonic() - started)
-    app.store.close()
+    final = run_task(repo, text, agent_command, settings_path)
     sys.exit(0 if final.state == RunState.SUCCEEDED else 1)
+
+
+@click.command("demo")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to make the sample repository (default: <data dir>/demo/sample-repo).")
+@click.option("--settings", "settings_path", type=click.Path(path_type=Path), default=None)
+def demo(dest: Path | None, settings_path: Path | None) -> None:
+    """Make the bundled sample repository (a Django app whose Postgres-backed test fails) and
+    dispatch a command agent that fixes it: the result is a tested branch you can `git log`."""
+    from bot.sample import AGENT, TASK, make_sample_repo
+    from bot.settings import Settings
+
+    if dest is None:
+        dest = Settings.load(settings_path).data_dir / "demo" / "sample-repo"
+    repo = make_sample_repo(dest.resolve())
+    click.echo(f"trimo: sample repository at {repo} (main has a failing test)")
+    final = run_task(repo, TASK, AGENT, settings_path)
+    if final.state == RunState.SUCCEEDED:
+        pipeline_branch = f"git -C {repo} log --oneline main..{_branch_of(repo)}"
+        click.echo(f"\nSee the agent's work: {pipeline_branch}")
+    sys.exit(0 if final.state == RunState.SUCCEEDED else 1)
+
+
+def _branch_of(repo: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--sort=-committerdate",
+                          "--format=%(refname:short)", "refs/heads/trimo/"],
+                         capture_output=True, text=True, check=False).stdout.split()
+    return out[0] if out else "trimo/..."
