@@ -1,0 +1,262 @@
+"""Server settings: `TRIMO_*` environment variables over an optional TOML file over defaults."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from bot.errors import SettingsError
+from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
+
+ENV_PREFIX = "TRIMO_"
+SETTINGS_FILE_ENV = "TRIMO_SETTINGS_FILE"
+WEBHOOK_SECRET_ENV = "TRIMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
+SECRET_ENV_PREFIX = "TRIMO_SECRET_"  # noqa: S105 - a variable name
+# GitHub's repository roles, weakest first.
+PERMISSION_LEVELS = ("read", "triage", "write", "maintain", "admin")
+Permission = Literal["read", "triage", "write", "maintain", "admin"]
+
+APP_ID_MISSING = (
+    "TRIMO_APP_ID is not set: set it to your GitHub App's numeric id "
+    "(Settings → Developer settings → GitHub Apps → your app → App ID)"
+)
+PRIVATE_KEY_MISSING = (
+    "TRIMO_PRIVATE_KEY_PATH (or TRIMO_PRIVATE_KEY) is not set: generate a private key on your "
+    "GitHub App's page (Private keys → Generate a private key) and point "
+    "TRIMO_PRIVATE_KEY_PATH at the downloaded .pem file"
+)
+PRIVATE_KEY_BAD = (
+    "{setting} does not hold a PEM RSA private key ({problem}): use the .pem file GitHub "
+    "gave you under your App's Private keys, unchanged"
+)
+PRIVATE_KEY_UNREADABLE = (
+    "TRIMO_PRIVATE_KEY_PATH points at {path}, which cannot be read ({problem}): "
+    "check the path and the file's permissions"
+)
+PRIVATE_KEY_BOTH = "TRIMO_PRIVATE_KEY and TRIMO_PRIVATE_KEY_PATH are both set: keep only one"
+NO_WEBHOOK_SIGNING_KEY = (
+    "TRIMO_WEBHOOK_SECRET is not set: set it to the webhook secret entered on your GitHub App's "
+    "page (comma-separate several while rotating)"
+)
+SETTINGS_FILE_MISSING = "settings file {path} does not exist: check {source}"
+SETTINGS_FILE_BAD = "settings file {path} is not valid TOML: {problem}"
+SETTING_BAD = "{setting}: {problem}"
+
+_file_data: ContextVar[dict[str, Any] | None] = ContextVar("trimo_settings_file", default=None)
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "trimo"
+
+
+def _split_secrets(value: object) -> object:
+    # Environment variables carry several secrets as one comma-separated string.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _WebhookSecretEnv(PydanticBaseSettingsSource):
+    """Reads the singular TRIMO_WEBHOOK_SECRET, the spelling GitHub's docs make people expect."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        value = os.environ.get(WEBHOOK_SECRET_ENV)
+        return {"webhook_secrets": value} if value else {}
+
+
+class Settings(BaseSettings):
+    """Everything `trimo serve`/`trimo worker` need; secrets are SecretStr and never printed."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # Empty: a SQLite file in data_dir. Hidden from repr: a PostgreSQL URL may hold a password.
+    database_url: str = Field("", repr=False)
+    docker_url: str | None = None  # None: DOCKER_HOST or the local socket
+    workers: int = Field(2, ge=1, le=64)
+    default_timeout: int = DEFAULT_TIMEOUT_SECONDS
+    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    # Base URL where `trimo serve` is reachable, for links to full logs in reports.
+    public_url: str | None = None
+
+    app_id: int | None = None
+    private_key: SecretStr | None = None
+    private_key_path: Path | None = None
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_url: str = "https://api.github.com"
+    web_url: str = "https://github.com"
+    trigger_label: str = "trimo"
+    min_permission: Permission = "write"
+    bot_login: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_secrets(value)
+
+    @field_validator("default_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> int:
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise ValueError("expected a duration like 90s, 30m or 1h30m") from None
+
+    @field_validator("api_url", "web_url", "public_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        data_dir = self.data_dir.expanduser()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir}/trimo.db")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _WebhookSecretEnv(settings_cls),
+            InitSettingsSource(settings_cls, init_kwargs=_file_data.get() or {}),
+        )
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment over `path` (else $TRIMO_SETTINGS_FILE) over defaults.
+
+        Raises SettingsError naming the setting and the fix; the private key is checked here.
+        """
+        source = "the --settings option"
+        if path is None and os.environ.get(SETTINGS_FILE_ENV):
+            path, source = Path(os.environ[SETTINGS_FILE_ENV]), SETTINGS_FILE_ENV
+        data = _read_toml(path, source) if path is not None else {}
+        token = _file_data.set(data)
+        try:
+            settings = cls(**overrides)
+        except ValidationError as exc:
+            raise _settings_error(exc, path) from None
+        finally:
+            _file_data.reset(token)
+        settings.private_key_pem()  # fail at start, not at the first webhook
+        return settings
+
+    @property
+    def database_is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def secret_value(self, name: str) -> str | None:
+        """A secret a repository asks for: `secrets`, then env TRIMO_SECRET_<NAME>, then <NAME>."""
+        if name in self.secrets:
+            return self.secrets[name].get_secret_value()
+        return os.environ.get(SECRET_ENV_PREFIX + name) or os.environ.get(name) or None
+
+    def webhook_secret_values(self) -> list[str]:
+        return [s.get_secret_value() for s in self.webhook_secrets]
+
+    def private_key_pem(self) -> str | None:
+        """The App's private key text, validated as PEM RSA; None when neither setting is set."""
+        if self.private_key is not None and self.private_key_path is not None:
+            raise SettingsError(PRIVATE_KEY_BOTH)
+        if self.private_key is not None:
+            # Environment variables often carry the newlines escaped.
+            pem = self.private_key.get_secret_value().replace("\\n", "\n")
+            setting = "TRIMO_PRIVATE_KEY"
+        elif self.private_key_path is not None:
+            path = self.private_key_path.expanduser()
+            try:
+                pem = path.read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = getattr(exc, "strerror", None) or type(exc).__name__
+                raise SettingsError(
+                    PRIVATE_KEY_UNREADABLE.format(path=path, problem=problem)
+                ) from None
+            setting = f"TRIMO_PRIVATE_KEY_PATH ({path})"
+        else:
+            return None
+        _check_rsa_pem(pem, setting)
+        return pem
+
+    def require_github(self, *, webhooks: bool = True) -> None:
+        """Raise SettingsError naming the first GitHub setting that is missing or wrong."""
+        if self.app_id is None:
+            raise SettingsError(APP_ID_MISSING)
+        if self.private_key_pem() is None:
+            raise SettingsError(PRIVATE_KEY_MISSING)
+        if webhooks and not self.webhook_secrets:
+            raise SettingsError(NO_WEBHOOK_SIGNING_KEY)
+
+    def allows(self, permission: str | None) -> bool:
+        """Whether a sender with this repository permission may trigger runs."""
+        if permission not in PERMISSION_LEVELS:
+            return False
+        return PERMISSION_LEVELS.index(permission) >= PERMISSION_LEVELS.index(self.min_permission)
+
+
+def _check_rsa_pem(pem: str, setting: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem.strip().encode("ascii", "replace"), password=None)
+    except (ValueError, TypeError) as exc:
+        # The library's own message never contains key material, but keep it generic anyway.
+        problem = "it is encrypted" if "encrypted" in str(exc).lower() else "it does not parse"
+        raise SettingsError(PRIVATE_KEY_BAD.format(setting=setting, problem=problem)) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SettingsError(PRIVATE_KEY_BAD.format(setting=setting, problem="not an RSA key"))
+
+
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
+    path = path.expanduser()
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(SETTINGS_FILE_MISSING.format(path=path, source=source)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(SETTINGS_FILE_BAD.format(path=path, problem=exc)) from None
+
+
+def _settings_error(exc: ValidationError, path: Path | None) -> SettingsError:
+    # include_input=False: the failing value may be a secret.
+    error = exc.errors(include_url=False, include_input=False)[0]
+    name = ".".join(str(p) for p in error["loc"])
+    top = str(error["loc"][0]) if error["loc"] else name
+    where = f"{ENV_PREFIX}{top.upper()}"
+    if path is not None:
+        where += f" (or {name} in {path})"
+    problem = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        where, problem = f"{name} in {path}", "unknown setting; check its spelling"
+    return SettingsError(SETTING_BAD.format(setting=where, problem=problem))

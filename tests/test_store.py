@@ -1,0 +1,432 @@
+"""The run store: migrations, the run queue, events, webhook deliveries, installations."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from bot.errors import NoSuchRunError
+from bot.states import PipelineKind, RunMode, RunState
+from bot.store import MIGRATIONS_DIR, Base, Pipeline, Store
+
+POSTGRES_URL = os.environ.get("TRIMO_TEST_POSTGRES_URL")
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            not POSTGRES_URL, reason="set TRIMO_TEST_POSTGRES_URL to test against PostgreSQL"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database: a SQLite file, or a fresh PostgreSQL database dropped after."""
+    if request.param == "sqlite":
+        yield Store.sqlite_url(tmp_path / "data")
+        return
+    assert POSTGRES_URL
+    admin_url = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"trimo_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _pipeline(store: Store, key: str = "issue:12") -> Pipeline:
+    return store.get_or_create_pipeline(
+        repo="octo/app",
+        key=key,
+        kind=PipelineKind.ISSUE,
+        branch=f"trimo/{key.replace(':', '-')}",
+        title="Fix the login page",
+        number=12,
+        installation_id=99,
+    )
+
+
+def _head() -> str | None:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+def test_a_fresh_database_is_migrated_to_head_and_reopening_is_a_no_op(store_url: str) -> None:
+    with Store(store_url) as first:
+        assert first.schema_version() == _head()
+        run = first.create_run(_pipeline(first).id, trigger="label", task="do it")
+    with Store(store_url) as second:
+        assert second.schema_version() == _head()
+        second.migrate()
+        assert second.get_run(run.id).task == "do it"
+
+
+def test_the_migrations_create_exactly_the_schema_the_models_describe(store: Store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_busy_timeout(tmp_path: Path) -> None:
+    with Store(Store.sqlite_url(tmp_path / "nested" / "dir")) as store:
+        assert (tmp_path / "nested" / "dir" / "trimo.db").is_file()
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert (conn.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 5000
+
+
+# -- pipelines ---------------------------------------------------------------------------------
+
+
+def test_a_pipeline_is_created_once_per_repository_and_key(store: Store) -> None:
+    first = _pipeline(store)
+    again = store.get_or_create_pipeline(
+        repo="octo/app",
+        key="issue:12",
+        kind=PipelineKind.ISSUE,
+        branch="another-branch",
+        title="Fix the login page (renamed)",
+    )
+    other_repo = store.get_or_create_pipeline(
+        repo="octo/other",
+        key="issue:12",
+        kind=PipelineKind.ISSUE,
+        branch="trimo/issue-12",
+        title="x",
+    )
+    assert again.id == first.id
+    assert again.branch == "trimo/issue-12"  # the pushed branch never moves
+    assert again.title == "Fix the login page (renamed)"
+    assert again.installation_id == 99
+    assert other_repo.id != first.id
+    assert store.find_pipeline("octo/app", "issue:12") == again
+    assert store.find_pipeline("octo/app", "issue:13") is None
+
+
+def test_update_pipeline_sets_fields_and_refuses_unknown_ones(store: Store) -> None:
+    pipeline = _pipeline(store)
+    store.update_pipeline(pipeline.id, pr_number=7, approved_sha="abc123")
+    updated = store.get_pipeline(pipeline.id)
+    assert (updated.pr_number, updated.approved_sha) == (7, "abc123")
+    with pytest.raises(TypeError, match=r"no field.*colour"):
+        store.update_pipeline(pipeline.id, colour="red")
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+def test_a_run_goes_from_queued_through_claim_to_a_final_state(store: Store) -> None:
+    pipeline = _pipeline(store)
+    run = store.create_run(
+        pipeline.id,
+        trigger="comment",
+        task="Fix it",
+        mode=RunMode.TESTS,
+        sender="mona",
+        instructions="only the login page",
+        head_sha="a" * 40,
+    )
+    assert run.state is RunState.QUEUED and run.mode is RunMode.TESTS
+    assert run.created_at.tzinfo is not None and run.created_at.utcoffset() == timedelta(0)
+
+    claimed = store.claim_run("worker-1")
+    assert claimed is not None and claimed.id == run.id
+    assert claimed.state is RunState.PREPARING and claimed.worker_id == "worker-1"
+    assert claimed.started_at is not None and claimed.heartbeat_at is not None
+    assert store.claim_run("worker-2") is None
+
+    store.set_state(run.id, RunState.AGENT)
+    done = store.set_state(run.id, RunState.SUCCEEDED, reason="all green", summary="ok")
+    assert done.state is RunState.SUCCEEDED and done.finished
+    assert done.reason == "all green" and done.summary == "ok"
+    assert done.finished_at is not None and done.finished_at >= claimed.started_at
+
+    states = [e.message for e in store.events(run.id, kinds=["state"])]
+    assert states == ["queued", "preparing", "agent", "succeeded"]
+
+
+def test_the_first_final_state_wins(store: Store) -> None:
+    run = store.create_run(_pipeline(store).id, trigger="label", task="t")
+    store.set_state(run.id, RunState.CANCELLED, reason="stopped by mona")
+    after = store.set_state(run.id, RunState.SUCCEEDED, reason="late finish")
+    assert after.state is RunState.CANCELLED and after.reason == "stopped by mona"
+    assert [e.message for e in store.events(run.id, kinds=["state"])] == ["queued", "cancelled"]
+
+
+def test_claiming_a_given_run_takes_only_that_run(store: Store) -> None:
+    pipeline = _pipeline(store)
+    first = store.create_run(pipeline.id, trigger="label", task="one")
+    second = store.create_run(pipeline.id, trigger="label", task="two")
+    claimed = store.claim_run("w", run_id=second.id)
+    assert claimed is not None and claimed.id == second.id
+    assert store.claim_run("w", run_id=second.id) is None
+    assert store.get_run(first.id).state is RunState.QUEUED
+
+
+def test_concurrent_claimers_never_get_the_same_run(store_url: str) -> None:
+    # Two Store objects on one database behave like two worker processes.
+    stores = [Store(store_url), Store(store_url)]
+    try:
+        pipeline = _pipeline(stores[0])
+        created = {
+            stores[0].create_run(pipeline.id, trigger="t", task=str(i)).id for i in range(40)
+        }
+        claimed: list[int] = []
+        lock = threading.Lock()
+        errors: list[Exception] = []
+
+        def claim(store: Store, worker: str) -> None:
+            try:
+                while (run := store.claim_run(worker)) is not None:
+                    with lock:
+                        claimed.append(run.id)
+            except Exception as exc:  # noqa: BLE001 - surfaced below, from the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=claim, args=(stores[i % 2], f"w{i}")) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert sorted(claimed) == sorted(created)  # each run exactly once
+        assert stores[1].queued_count() == 0
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_an_unknown_run_is_reported_by_id(store: Store) -> None:
+    with pytest.raises(NoSuchRunError, match="no run with id 4242"):
+        store.get_run(4242)
+    with pytest.raises(NoSuchRunError):
+        store.update_run(4242, summary="x")
+
+
+def test_run_fields_round_trip_including_failures_and_the_report(store: Store) -> None:
+    run = store.create_run(_pipeline(store).id, trigger="label", task="t")
+    failures = [{"name": "test_login", "file": "tests/test_login.py", "line": 3}]
+    store.update_run(
+        run.id,
+        container_id="c0ffee",
+        base_sha="b" * 40,
+        head_sha="c" * 40,
+        commits=2,
+        tests_passed=10,
+        tests_failed=1,
+        tests_skipped=2,
+        tests_errors=0,
+        failures=failures,
+        report={"tests": {"passed": 10}},
+        comment_id=2**40,
+        check_run_id=2**41,
+        pr_number=8,
+        image_tag="trimo/octo-app:abc",
+        error="boom",
+    )
+    got = store.get_run(run.id)
+    assert got.failures == failures and got.report == {"tests": {"passed": 10}}
+    assert (got.commits, got.tests_passed, got.tests_failed, got.tests_skipped) == (2, 10, 1, 2)
+    assert (got.comment_id, got.check_run_id) == (2**40, 2**41)
+    assert (got.container_id, got.image_tag, got.error) == ("c0ffee", "trimo/octo-app:abc", "boom")
+    with pytest.raises(TypeError, match=r"runs has no field.*colour"):
+        store.update_run(run.id, colour="red")
+
+
+def test_cancel_is_requested_on_live_runs_only(store: Store) -> None:
+    run = store.create_run(_pipeline(store).id, trigger="label", task="t")
+    assert store.request_cancel(run.id, "stopped by mona") is True
+    got = store.get_run(run.id)
+    assert got.cancel_requested and got.cancel_reason == "stopped by mona"
+    store.set_state(run.id, RunState.CANCELLED)
+    assert store.request_cancel(run.id, "again") is False
+
+
+def test_live_stale_and_listed_runs(store: Store) -> None:
+    pipeline = _pipeline(store)
+    other = _pipeline(store, key="pull:7")
+    a = store.create_run(pipeline.id, trigger="t", task="a")
+    b = store.create_run(other.id, trigger="t", task="b")
+    c = store.create_run(pipeline.id, trigger="t", task="c")
+    store.set_state(a.id, RunState.FAILED)
+    assert [r.id for r in store.live_runs()] == [b.id, c.id]
+    assert [r.id for r in store.live_runs(pipeline.id)] == [c.id]
+    assert [r.id for r in store.list_runs()] == [c.id, b.id, a.id]
+    assert [r.id for r in store.list_runs(limit=1, pipeline_id=pipeline.id)] == [c.id]
+
+    assert store.claim_run("w", run_id=b.id) is not None
+    assert store.stale_runs(timedelta(minutes=5)) == []
+    time.sleep(0.05)
+    assert [r.id for r in store.stale_runs(timedelta(milliseconds=10))] == [b.id]
+    store.heartbeat(b.id)
+    assert store.stale_runs(timedelta(seconds=5)) == []
+
+
+# -- events and logs ---------------------------------------------------------------------------
+
+
+def test_events_and_logs_come_back_in_order_and_filtered(store: Store) -> None:
+    run = store.create_run(_pipeline(store).id, trigger="t", task="t")
+    store.add_event(run.id, "phase", "agent", {"phase": "agent"})
+    store.add_logs(run.id, [f"line {i}" for i in range(500)])
+    store.add_event(run.id, "tests", "", {"passed": 3})
+    every = store.events(run.id)
+    assert [e.id for e in every] == sorted(e.id for e in every)
+    logs = store.events(run.id, kinds=["log"])
+    assert [e.message for e in logs] == [f"line {i}" for i in range(500)]
+    after = store.events(run.id, after_id=logs[-1].id)
+    assert [(e.kind, e.data) for e in after] == [("tests", {"passed": 3})]
+    assert all(e.created_at.tzinfo is not None for e in every)
+    assert len(store.events(run.id, limit=10)) == 10
+
+
+# -- webhook deliveries ------------------------------------------------------------------------
+
+
+def test_a_redelivery_is_recognised(store: Store) -> None:
+    intents = json.dumps([{"intent": "run", "issue": 12}])
+    assert store.record_delivery("d-1", "issues", "labeled", intents) is True
+    assert store.record_delivery("d-1", "issues", "labeled", intents) is False
+    delivery = store.claim_delivery()
+    assert delivery is not None
+    assert delivery.delivery_id == "d-1" and delivery.intents == [{"intent": "run", "issue": 12}]
+    assert delivery.received_at.tzinfo is not None
+    assert store.claim_delivery() is None  # taken
+
+
+def test_deliveries_without_intents_are_deduplicated_but_never_queued(store: Store) -> None:
+    assert store.record_delivery("d-ping", "ping", None, "[]") is True
+    assert store.record_delivery("d-ping", "ping", None, "[]") is False
+    assert store.claim_delivery() is None
+    assert store.pending_deliveries() == 0
+
+
+def test_deliveries_are_claimed_oldest_first_and_finished(store: Store) -> None:
+    for i in range(3):
+        store.record_delivery(f"d-{i}", "issue_comment", "created", f'[{{"n": {i}}}]')
+    first = store.claim_delivery()
+    second = store.claim_delivery()
+    assert first is not None and second is not None
+    assert (first.delivery_id, second.delivery_id) == ("d-0", "d-1")
+    store.finish_delivery("d-0")
+    store.finish_delivery("d-1", error="GitHub said 502")
+    assert store.pending_deliveries() == 1
+    third = store.claim_delivery()
+    assert third is not None and third.delivery_id == "d-2"
+
+
+def test_concurrent_delivery_claimers_each_get_distinct_deliveries(store_url: str) -> None:
+    stores = [Store(store_url), Store(store_url)]
+    try:
+        for i in range(30):
+            stores[0].record_delivery(f"d-{i}", "issues", "labeled", "[1]")
+        got: list[str] = []
+        lock = threading.Lock()
+
+        def claim(store: Store) -> None:
+            while (d := store.claim_delivery()) is not None:
+                with lock:
+                    got.append(d.delivery_id)
+
+        threads = [threading.Thread(target=claim, args=(stores[i % 2],)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(got) == sorted(f"d-{i}" for i in range(30))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_recording_a_delivery_is_fast_on_sqlite(tmp_path: Path) -> None:
+    with Store(Store.sqlite_url(tmp_path)) as store:
+        timings = []
+        for i in range(300):
+            start = time.perf_counter()
+            store.record_delivery(f"d-{i}", "issues", "labeled", '[{"intent": "run"}]')
+            timings.append(time.perf_counter() - start)
+        # The webhook answers inside GitHub's 10 s; this keeps the store far out of the way.
+        assert statistics.median(timings) < 0.002
+
+
+# -- installations -----------------------------------------------------------------------------
+
+
+def test_installations_map_repositories_to_their_installation(store: Store) -> None:
+    store.upsert_installation(1, "octo", ["octo/app", "octo/lib"])
+    store.upsert_installation(2, "Hubber", None)  # all repositories
+    assert store.installation_for_repo("octo/app") == 1
+    assert store.installation_for_repo("hubber/anything") == 2
+    assert store.installation_for_repo("octo/new") is None
+
+    store.add_installation_repos(1, ["octo/new", "octo/app"])
+    store.remove_installation_repos(1, ["octo/lib"])
+    installation = store.get_installation(1)
+    assert installation is not None and installation.repos == ["octo/app", "octo/new"]
+    store.upsert_installation(1, "octo", ["octo/only"])
+    assert store.get_installation(1) == type(installation)(1, "octo", ["octo/only"])
+
+    store.delete_installation(1)
+    assert store.get_installation(1) is None
+    assert store.installation_for_repo("octo/only") is None
+
+
+# -- posted GitHub objects ---------------------------------------------------------------------
+
+
+def test_posted_ids_are_remembered_per_run_and_kind(store: Store) -> None:
+    run = store.create_run(_pipeline(store).id, trigger="t", task="t")
+    assert store.recall(run.id, "comment") is None
+    store.remember(run.id, "comment", 1_234_567_890_123)
+    store.remember(run.id, "check_run", 5)
+    store.remember(run.id, "check_run", 6)
+    assert store.recall(run.id, "comment") == 1_234_567_890_123
+    assert store.recall(run.id, "check_run") == 6
+
+
+def test_snapshots_outlive_the_store(store_url: str) -> None:
+    with Store(store_url) as store:
+        run = store.create_run(_pipeline(store).id, trigger="t", task="t")
+    assert run.task == "t" and run.created_at.tzinfo == UTC
+    with pytest.raises(AttributeError):
+        run.task = "changed"  # type: ignore[misc]
