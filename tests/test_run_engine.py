@@ -1,0 +1,358 @@
+"""`trimo run` end to end on the real engine: a local repository and a task in, a branch out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from bot.runtime import LABEL_RUN
+from bot.states import RunState
+from bot.store import Store
+from tests.containers import git, make_repo
+from tests.engine_proxy import EngineProxy
+
+pytestmark = pytest.mark.docker
+
+CANARY = "canary-Zq9xT4-secret-value"
+
+
+class Trimo:
+    """Runs the real `trimo` command in a subprocess against one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.env = {**os.environ, "TRIMO_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+
+    def __call__(
+        self, *args: str, timeout: float = 600, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bot", *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bot", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def store(self) -> Store:
+        return Store(Store.sqlite_url(self.data_dir))
+
+
+@pytest.fixture
+def trimo(tmp_path: Path, base_image: str) -> Trimo:
+    return Trimo(tmp_path / "data")
+
+
+def light_repo(path: Path, config: str = "", extra: dict[str, str] | None = None) -> Path:
+    files = {"README.md": "# light\n", **(extra or {})}
+    if config:
+        files[".trimo/config.yml"] = config
+    make_repo(path, files)
+    return path
+
+
+def branches(repo: Path) -> list[str]:
+    return git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/").split()
+
+
+def containers_of(client: docker.DockerClient, run_id: int) -> list[object]:
+    return client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run_id}"})
+
+
+def wait_for_state(store: Store, run_id: int, state: RunState, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if store.get_run(run_id).state == state:
+                return
+        except Exception:  # noqa: BLE001 - the run may not exist yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} never reached {state}")
+
+
+def test_timeout_checkpoints_and_pushes_the_work(
+    trimo: Trimo, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    repo = light_repo(tmp_path / "repo", "timeout: 10s\n")
+    started = time.monotonic()
+    r = trimo(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Slow work",
+        "--agent",
+        "echo 'half done' > progress.txt; sleep 300",
+    )
+    elapsed = time.monotonic() - started
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "timed_out" in r.stdout
+    assert elapsed < 10 + 15 + 10, elapsed  # the container is stopped within timeout + 15 s
+    branch = next(b for b in branches(repo) if b.startswith("trimo/"))
+    assert git(repo, "show", f"{branch}:progress.txt") == "half done"
+    run = trimo.store().list_runs()[0]
+    assert run.state == RunState.TIMED_OUT
+    assert containers_of(docker_client, run.id) == []
+
+
+def test_unrelated_history_is_not_published(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / "repo")
+    r = trimo(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Rewrite everything",
+        "--agent",
+        "git push origin HEAD; echo push_exit=$?; "
+        "git checkout -q --orphan fresh && git rm -rqf . && echo new > new.txt && "
+        "git add new.txt && git commit -qm 'unrelated root'",
+    )
+    assert r.returncode == 1
+    assert "does not descend from the run's base commit" in r.stdout
+    assert [b for b in branches(repo) if b.startswith("trimo/")] == []
+    logs = "\n".join(e.message for e in trimo.store().events(1))
+    assert "push_exit=1" in logs and "`git push` is disabled" in logs
+
+
+def test_protected_path_is_not_published(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / "repo", extra={".github/workflows/ci.yml": "on: push\n"})
+    r = trimo(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Touch CI",
+        "--agent",
+        "echo '# pwned' >> .github/workflows/ci.yml && git commit -qam 'ci'",
+    )
+    assert r.returncode == 1
+    assert ".github/workflows/ci.yml" in r.stdout
+    assert [b for b in branches(repo) if b.startswith("trimo/")] == []
+    assert trimo.store().list_runs()[0].state == RunState.FAILED
+
+
+def test_failing_preboot_reports_its_last_lines(
+    trimo: Trimo, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    name = f"preboot-fails-{os.getpid()}"
+    repo = light_repo(
+        tmp_path / name,
+        extra={
+            ".trimo/Dockerfile": "FROM trimo/base:bookworm\nCOPY preboot.sh /opt/trimo/preboot.sh\n",
+            ".trimo/preboot.sh": "#!/bin/bash\necho 'starting search'\n"
+            "echo 'search: port 9200 is taken' >&2\nexit 1\n",
+        },
+    )
+    try:
+        r = trimo(
+            "run", "--repo", str(repo), "--task", "Anything", "--agent", "echo AGENT-RAN > ran.txt"
+        )
+        assert r.returncode == 1
+        assert "preboot failed" in r.stdout
+        assert "search: port 9200 is taken" in r.stdout
+        run = trimo.store().list_runs()[0]
+        assert run.state == RunState.ERROR
+        assert "search: port 9200 is taken" in (run.error or "")
+        logs = [e.message for e in trimo.store().events(run.id)]
+        assert not any("AGENT-RAN" in line for line in logs)
+        assert RunState.AGENT.value not in [
+            e.message for e in trimo.store().events(run.id, kinds=["state"])
+        ]
+    finally:
+        for img in docker_client.images.list(name=f"trimo/{name}"):
+            docker_client.images.remove(img.id, force=True)
+
+
+def test_invalid_config_names_the_field_and_starts_nothing(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / "repo", "resources:\n  memory: lots\n")
+    with EngineProxy() as proxy:
+        r = trimo(
+            "run",
+            "--repo",
+            str(repo),
+            "--task",
+            "Anything",
+            "--agent",
+            "true",
+            DOCKER_HOST=proxy.url,
+        )
+    assert r.returncode == 1
+    assert ".trimo/config.yml: resources.memory" in r.stdout
+    assert not [p for p in proxy.paths("POST") if "/containers/create" in p]
+
+
+def test_secret_value_never_reaches_logs_output_or_report(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(
+        tmp_path / "repo",
+        'agent:\n  secrets: [CANARY_TOKEN]\ntest:\n  command: echo "test sees $CANARY_TOKEN"\n',
+    )
+    r = trimo(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Leak it",
+        "--agent",
+        'echo "agent has $CANARY_TOKEN"; echo "$CANARY_TOKEN" > "$TRIMO_SUMMARY_FILE"; '
+        'echo "$CANARY_TOKEN" >&2; exit 3',
+        TRIMO_SECRET_CANARY_TOKEN=CANARY,
+    )
+    shown = trimo("runs", "show", "1", "--json").stdout + trimo("runs", "logs", "1").stdout
+    everything = r.stdout + r.stderr + shown
+    assert CANARY not in everything
+    store = trimo.store()
+    stored = [e.message + str(e.data) for e in store.events(1)]
+    assert not any(CANARY in line for line in stored)
+    assert "agent has ***" in "\n".join(stored)  # it was there, and masked
+    run = store.get_run(1)
+    assert CANARY not in f"{run.summary}{run.error}{run.reason}{run.report}"
+
+
+def test_missing_secret_is_named(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / "repo", "agent:\n  secrets: [NOT_SET_ANYWHERE_XYZ]\n")
+    r = trimo("run", "--repo", str(repo), "--task", "x", "--agent", "true")
+    assert r.returncode == 1
+    assert "TRIMO_SECRET_NOT_SET_ANYWHERE_XYZ" in r.stdout
+
+
+def test_cancel_stops_and_pushes_the_work_so_far(
+    trimo: Trimo, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    repo = light_repo(tmp_path / "repo")
+    proc = trimo.popen(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Long work",
+        "--agent",
+        "echo draft > draft.txt; sleep 300",
+    )
+    try:
+        store = trimo.store()
+        wait_for_state(store, 1, RunState.AGENT)
+        c = trimo("runs", "cancel", "1")
+        assert c.returncode == 0, c.stderr
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert store.get_run(1).state == RunState.CANCELLED
+    branch = next(b for b in branches(repo) if b.startswith("trimo/"))
+    assert git(repo, "show", f"{branch}:draft.txt") == "draft"
+    assert containers_of(docker_client, 1) == []
+
+
+def test_killed_trimo_run_is_reaped_by_the_next_command(
+    trimo: Trimo, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    repo = light_repo(tmp_path / "repo")
+    proc = trimo.popen("run", "--repo", str(repo), "--task", "Long work", "--agent", "sleep 300")
+    store = trimo.store()
+    try:
+        wait_for_state(store, 1, RunState.AGENT)
+        assert len(containers_of(docker_client, 1)) == 1
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert store.get_run(1).state == RunState.AGENT  # nobody finished it
+    r = trimo("runs", "ls")
+    assert r.returncode == 0
+    run = store.get_run(1)
+    assert run.state == RunState.ERROR
+    assert "stopped without finishing" in (run.reason or "")
+    assert containers_of(docker_client, 1) == []
+    assert "removed container" in r.stderr
+
+
+@pytest.fixture
+def sample_repo(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[Path]:
+    from bot.sample import make_sample_repo
+
+    yield make_sample_repo(tmp_path / "sample-repo")
+
+
+@pytest.mark.slow
+def test_sample_agent_fixes_a_postgres_backed_test(
+    trimo: Trimo, sample_repo: Path, docker_client: docker.DockerClient
+) -> None:
+    from bot.sample import AGENT, TASK
+
+    base = git(sample_repo, "rev-parse", "main")
+    r = trimo("run", "--repo", str(sample_repo), "--task", TASK, "--agent", AGENT)
+    assert r.returncode == 0, r.stdout[-3000:]
+    store = trimo.store()
+    run = store.list_runs()[0]
+    assert run.state == RunState.SUCCEEDED
+    branch = store.get_pipeline(run.pipeline_id).branch
+    assert git(sample_repo, "log", "-1", "--format=%s", branch) == "Build page slugs with slug_for"
+    assert git(sample_repo, "rev-parse", f"{branch}^") == base
+    assert run.tests_passed and run.tests_passed >= 5 and run.tests_failed == 0
+    assert f"{run.tests_passed} passed, 0 failed" in r.stdout
+    assert containers_of(docker_client, run.id) == []
+
+    # The same task again: the image is reused and the mirror only fetches.
+    again = trimo(
+        "run",
+        "--repo",
+        str(sample_repo),
+        "--task",
+        TASK,
+        "--agent",
+        "python3 -m pytest -q tests/test_models.py",
+    )
+    assert again.returncode == 0, again.stdout[-3000:]
+    second = store.list_runs()[0]
+    assert second.id != run.id and second.pipeline_id == run.pipeline_id
+    kinds = {e.kind: e.data for e in store.events(second.id, kinds=["image", "mirror", "branch"])}
+    assert kinds["image"] is not None and kinds["image"]["built"] is False
+    assert kinds["mirror"] is not None and kinds["mirror"]["cloned"] is False
+    assert kinds["branch"] is not None and kinds["branch"]["new"] is False  # builds on run 1
+
+
+@pytest.mark.slow
+def test_five_runs_at_once_each_with_its_own_postgres(trimo: Trimo, sample_repo: Path) -> None:
+    agent = (
+        'psql "$DATABASE_URL" -qAt -c "CREATE TABLE IF NOT EXISTS mark(v text); '
+        "INSERT INTO mark VALUES ('$TRIMO_RUN_ID');\" && "
+        'test "$(psql "$DATABASE_URL" -qAt -c \'SELECT string_agg(v, \\",\\") FROM mark\')" '
+        '= "$TRIMO_RUN_ID" && echo "only-mine:$TRIMO_RUN_ID" > mine.txt'
+    )
+    # Warm the image once so the five measure dispatch, not one build five times.
+    trimo("image", "build", str(sample_repo / ".trimo"))
+    procs = [
+        trimo.popen(
+            "run", "--repo", str(sample_repo), "--task", f"Parallel task {i}", "--agent", agent
+        )
+        for i in range(5)
+    ]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, "\n".join(o[-1500:] for o in outs)
+    store = trimo.store()
+    runs = store.list_runs(limit=5)
+    assert {r.state for r in runs} == {RunState.SUCCEEDED}
+    seen_branches = set()
+    for run in runs:
+        branch = store.get_pipeline(run.pipeline_id).branch
+        seen_branches.add(branch)
+        assert git(sample_repo, "show", f"{branch}:mine.txt") == f"only-mine:{run.id}"
+    assert len(seen_branches) == 5
