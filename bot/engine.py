@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import docker
 
@@ -309,7 +309,8 @@ class Engine:
                 if event.kind == "heartbeat":
                     self.store.heartbeat(run.id)
                     continue
-                self.store.add_event(run.id, "event", event.kind, masker.mask_obj(event.data))
+                self.store.add_event(run.id, "event", event.kind,
+                                    cast(dict[str, Any], masker.mask_obj(event.data)))
                 if event.kind == "phase":
                     state = _PHASE_STATES.get(str(event.data.get("phase")))
                     if state is not None:

@@ -104,10 +104,11 @@ def find_by_hash(client: docker.DockerClient, digest: str) -> str | None:
     return str(found[0]["Id"]) if found else None
 
 
-def default_tag(context: Path, digest: str) -> str:
-    name = context.resolve().name
-    if name == ".trimo":
-        name = context.resolve().parent.name
+def default_tag(context: Path, digest: str, name: str | None = None) -> str:
+    if name is None:
+        name = context.resolve().name
+        if name == ".trimo":
+            name = context.resolve().parent.name
     name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "project"
     return f"trimo/{name}:ctx-{digest[:12]}"
 
@@ -120,14 +121,18 @@ def build_image(
     progress: Progress | None = None,
     nocache: bool = False,
     buildargs: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> BuildResult:
-    """Build `context` unless an image with its content hash exists; tag the result `tag`."""
+    """Build `context` unless an image with its content hash exists; tag the result `tag`.
+
+    Without `tag`, the tag is `trimo/<name>:ctx-<hash>` (`name` defaults to the folder's).
+    """
     say = progress or (lambda _line: None)
     started = time.monotonic()
     if not (context / dockerfile).is_file():
         raise ImageBuildError(f"no {dockerfile} in {context}", [])
     digest = context_hash(context, dockerfile, client, buildargs)
-    tag = tag or default_tag(context, digest)
+    tag = tag or default_tag(context, digest, name)
     existing = None if nocache else find_by_hash(client, digest)
     if existing:
         repo, _, version = tag.rpartition(":")

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_url: str = "https://api.github.com"
     web_url: str = "https://github.com"
+    # Where repositories are cloned from and pushed to; `{repo}` is "owner/name".
+    # Default: "<web_url>/{repo}.git".
+    git_url: str | None = None
     trigger_label: str = "trimo"
     min_permission: Permission = "write"
     bot_login: str | None = None
@@ -180,6 +183,11 @@ class Settings(BaseSettings):
         if name in self.secrets:
             return self.secrets[name].get_secret_value()
         return os.environ.get(SECRET_ENV_PREFIX + name) or os.environ.get(name) or None
+
+    def repo_git_url(self, repo: str) -> str:
+        """The git URL of GitHub repository `repo` ("owner/name")."""
+        template = self.git_url or f"{self.web_url}/{{repo}}.git"
+        return template.replace("{repo}", repo)
 
     def webhook_secret_values(self) -> list[str]:
         return [s.get_secret_value() for s in self.webhook_secrets]

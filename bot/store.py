@@ -796,6 +796,16 @@ class Store:
                 )
             )
 
+    def run_for_posted(self, kind: str, github_id: int) -> int | None:
+        """The run that posted GitHub object `github_id` (e.g. a check run), if any."""
+        with self._read() as s:
+            row = s.execute(
+                select(PostedRecord.run_id).where(
+                    PostedRecord.kind == kind, PostedRecord.github_id == github_id
+                )
+            ).first()
+            return int(row[0]) if row else None
+
     def get_installation(self, installation_id: int) -> Installation | None:
         with self._read() as s:
             row = s.get(InstallationRecord, installation_id)

@@ -153,7 +153,12 @@ class WorkerPool:
                 self._busy.release()
                 self._stop.wait(self.poll_seconds)
                 continue
-            future = self._pool.submit(self._execute, run)
+            try:
+                future = self._pool.submit(self._execute, run)
+            except RuntimeError:  # stopping: leave the run for the next worker
+                self.store.set_state(run.id, RunState.QUEUED)
+                self._busy.release()
+                return
             self._futures.add(future)
             future.add_done_callback(self._futures.discard)
 

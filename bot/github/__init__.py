@@ -1,0 +1,1 @@
+"""Trimo's GitHub side: App authentication, the API client and its write policy, the reporter."""

@@ -1,0 +1,414 @@
+"""A run's report on GitHub: the tracking comment and the check run, rendered and kept current."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from bot.github.client import GitHubClient
+from bot.junit import TestReport
+from bot.states import RunState
+
+COMMENT_MAX = 65536
+CHECK_TEXT_MAX = 65535
+ANNOTATION_MESSAGE_MAX = 64 * 1024
+# Beyond this many, annotations only cost write requests (50 per request, 1 s apart).
+ANNOTATIONS_MAX = 200
+CHECK_NAME = "trimo"
+PHASES = (
+    RunState.QUEUED,
+    RunState.PREPARING,
+    RunState.BOOTING,
+    RunState.AGENT,
+    RunState.TESTING,
+    RunState.PUBLISHING,
+)
+
+MARKER = "<!-- trimo:run={run_id} -->"
+LIVE_HEADING = "### {icon} Trimo run #{run_id}: {phase}"
+FINAL_HEADING = "### {icon} Trimo run #{run_id} {outcome}"
+STARTED_BY = "Started by @{sender} ({trigger})"
+TRUNCATED = "*Output shortened to fit GitHub's limit; the full log: {where}.*"
+SUPERSEDED = "Superseded by run #{run_id}, which carries on the work of this one."
+COMMANDS = (
+    "<details><summary>Commands</summary>\n\n"
+    "Comment a line starting with:\n\n"
+    "- `/trimo retry`: run the same task again\n"
+    "- `/trimo run <instructions>`: run the agent with more instructions\n"
+    "- `/trimo stop`: stop the live run\n"
+    "- `/trimo status`: show the state of the run\n"
+    "- `/trimo test`: run the tests only, without the agent\n"
+    "- `/trimo help`: this list\n\n"
+    "</details>"
+)
+OUTCOMES = {
+    RunState.SUCCEEDED: ("✅", "succeeded"),
+    RunState.FAILED: ("❌", "failed"),
+    RunState.ERROR: ("💥", "stopped on an error"),
+    RunState.CANCELLED: ("⏹️", "was cancelled"),
+    RunState.TIMED_OUT: ("⌛", "timed out"),
+    RunState.REJECTED: ("🚫", "was not started"),
+}
+CONCLUSIONS = {
+    RunState.SUCCEEDED: "success",
+    RunState.FAILED: "failure",
+    RunState.ERROR: "failure",
+    RunState.CANCELLED: "cancelled",
+    RunState.TIMED_OUT: "timed_out",
+    # Someone with write access has to approve or trigger it: that is GitHub's "action required".
+    RunState.REJECTED: "action_required",
+}
+_ANY_MARKER = re.compile(r"<!--\s*trimo:[^>]*-->")
+
+
+@dataclass
+class RunView:
+    """What the report shows of a run; the engine fills it from the run store."""
+
+    run_id: int
+    repo: str  # "owner/name"
+    number: int  # the issue or pull request
+    state: RunState
+    phase: RunState = RunState.QUEUED  # the last phase reached, also once finished
+    head_sha: str | None = None  # the check run goes on this commit; none without it
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    elapsed: float | None = None  # seconds
+    trigger: str = ""
+    sender: str | None = None
+    branch: str | None = None
+    branch_url: str | None = None
+    pr_url: str | None = None
+    tests: TestReport | None = None  # the totals; details of failures are in `failures`
+    # Each: name, message, and when known file and line.
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    summary: str | None = None
+    reason: str | None = None
+    superseded_by: int | None = None
+    log_url: str | None = None
+    commits: list[tuple[str, str]] = field(default_factory=list)  # (sha, subject)
+
+
+class IdStore(Protocol):
+    """Where the ids of what a run posted are kept, so nothing is ever posted twice."""
+
+    def remember(self, run_id: int, kind: str, github_id: int) -> None: ...
+
+    def recall(self, run_id: int, kind: str) -> int | None: ...
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+
+def render_comment(view: RunView) -> str:
+    """The tracking comment, at most 65,536 characters whatever the run produced."""
+    summary = _clean(view.summary or "")
+    failures = list(view.failures)
+    commits = list(view.commits)
+    body = _comment(view, summary, failures, commits, shortened=False)
+    if len(body) <= COMMENT_MAX:
+        return body
+    # Shorten what is longest and least needed first: the summary, then the failures, commits.
+    fixed = len(_comment(view, "", [], [], shortened=True))
+    summary = _cut(summary, max(COMMENT_MAX - fixed - 200, 0) // 2)
+    while failures and len(_comment(view, summary, failures, [], shortened=True)) > COMMENT_MAX:
+        failures = failures[: len(failures) // 2]
+    while commits and len(_comment(view, summary, failures, commits, shortened=True)) > COMMENT_MAX:
+        commits = commits[: len(commits) // 2]
+    body = _comment(view, summary, failures, commits, shortened=True)
+    return body if len(body) <= COMMENT_MAX else _cut(body, COMMENT_MAX)
+
+
+def _comment(
+    view: RunView,
+    summary: str,
+    failures: list[dict[str, Any]],
+    commits: list[tuple[str, str]],
+    *,
+    shortened: bool,
+) -> str:
+    lines = [MARKER.format(run_id=view.run_id)]
+    if view.state.finished:
+        icon, outcome = OUTCOMES[view.state]
+        lines.append(FINAL_HEADING.format(icon=icon, run_id=view.run_id, outcome=outcome))
+    else:
+        icon = "⏳" if view.state == RunState.QUEUED else "🔄"
+        lines.append(LIVE_HEADING.format(icon=icon, run_id=view.run_id, phase=view.state.value))
+    lines.append(_byline(view))
+    lines += ["", _checklist(view), ""]
+    if view.reason:
+        lines += [f"**Why:** {_clean(view.reason)}", ""]
+    if view.superseded_by is not None:
+        lines += [SUPERSEDED.format(run_id=view.superseded_by), ""]
+    if view.tests is not None:
+        lines += [f"**Tests:** {_totals(view.tests)}", ""]
+    if failures:
+        lines.append("**Failing tests:**")
+        lines += [f"- {_failure_line(f)}" for f in failures]
+        if len(failures) < len(view.failures):
+            lines.append(f"- … and {len(view.failures) - len(failures)} more")
+        lines.append("")
+    if summary:
+        lines += ["**Summary from the agent:**", "", summary, ""]
+    links = _links(view)
+    if links:
+        lines += [links, ""]
+    if commits:
+        lines.append("**Commits:**")
+        lines += [f"- `{sha[:10]}` {_clean(subject)}" for sha, subject in commits]
+        if len(commits) < len(view.commits):
+            lines.append(f"- … and {len(view.commits) - len(commits)} more")
+        lines.append("")
+    if shortened:
+        where = f"[log]({view.log_url})" if view.log_url else f"`trimo runs show {view.run_id}`"
+        lines += [TRUNCATED.format(where=where), ""]
+    lines.append(COMMANDS)
+    return "\n".join(lines)
+
+
+def _totals(tests: TestReport) -> str:
+    return (
+        f"{tests.passed} passed, {tests.failed} failed, {tests.skipped} skipped, "
+        f"{tests.errors} errors"
+    )
+
+
+def _byline(view: RunView) -> str:
+    parts = []
+    if view.sender:
+        parts.append(STARTED_BY.format(sender=view.sender, trigger=view.trigger or "label"))
+    if view.elapsed is not None:
+        took = "took" if view.state.finished else "running for"
+        parts.append(f"{took} {_duration(view.elapsed)}")
+    return " · ".join(parts)
+
+
+def _checklist(view: RunView) -> str:
+    reached = PHASES.index(view.phase) if view.phase in PHASES else 0
+    succeeded = view.state == RunState.SUCCEEDED
+    lines = []
+    for index, phase in enumerate(PHASES):
+        if succeeded or index < reached:
+            mark = "✅"
+        elif index == reached:
+            mark = "❌" if view.state.finished else "▶️"
+        else:
+            mark = "⬜"
+        name = f"**{phase.value}**" if index == reached and not succeeded else phase.value
+        lines.append(f"{mark} {name}")
+    return " → ".join(lines)
+
+
+def _links(view: RunView) -> str:
+    parts = []
+    if view.branch:
+        branch = f"`{view.branch}`"
+        parts.append(f"**Branch:** [{branch}]({view.branch_url})" if view.branch_url else branch)
+    if view.pr_url:
+        parts.append(f"**Pull request:** {view.pr_url}")
+    if view.log_url:
+        parts.append(f"**Log:** [full log]({view.log_url})")
+    return " · ".join(parts)
+
+
+def _failure_line(failure: dict[str, Any]) -> str:
+    name = _test_name(failure)
+    message = _clean(str(failure.get("message") or "")).strip().splitlines()
+    where = _location(failure)
+    text = f"`{name}`" + (f" ({where})" if where else "")
+    return text + (f": {_cut(message[0], 200)}" if message else "")
+
+
+def _test_name(failure: dict[str, Any]) -> str:
+    # A backtick in a test id would end the code span around it.
+    return str(failure.get("name", "?")).replace("`", "'")
+
+
+def _location(failure: dict[str, Any]) -> str:
+    file, line = failure.get("file"), failure.get("line")
+    if not file:
+        return ""
+    return f"{file}:{line}" if line else str(file)
+
+
+def _duration(seconds: float) -> str:
+    total = int(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _clean(text: str) -> str:
+    # Text from the agent or the tests must not pass for Trimo's own marker.
+    return _ANY_MARKER.sub("", text)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+def check_run_payload(view: RunView) -> dict[str, Any]:
+    """The check run's fields for create/update: name, status, conclusion and output."""
+    payload: dict[str, Any] = {"name": CHECK_NAME, "external_id": str(view.run_id)}
+    if view.state.finished:
+        payload["status"] = "completed"
+        payload["conclusion"] = CONCLUSIONS[view.state]
+    else:
+        payload["status"] = "queued" if view.state == RunState.QUEUED else "in_progress"
+    if view.log_url:
+        payload["details_url"] = view.log_url
+    output: dict[str, Any] = {
+        "title": _check_title(view),
+        "summary": _cut(_check_summary(view), CHECK_TEXT_MAX),
+    }
+    text = _check_text(view)
+    if text:
+        output["text"] = _cut(text, CHECK_TEXT_MAX)
+    annotations = _annotations(view)
+    if annotations:
+        output["annotations"] = annotations
+    payload["output"] = output
+    return payload
+
+
+def _check_title(view: RunView) -> str:
+    if view.tests is not None:
+        return f"Tests: {_totals(view.tests)}"
+    if view.state.finished:
+        return f"Run #{view.run_id} {OUTCOMES[view.state][1]}"
+    return f"Run #{view.run_id}: {view.state.value}"
+
+
+def _check_summary(view: RunView) -> str:
+    lines = [_byline(view) or f"Run #{view.run_id}", "", _checklist(view)]
+    if view.reason:
+        lines += ["", f"**Why:** {_clean(view.reason)}"]
+    links = _links(view)
+    if links:
+        lines += ["", links]
+    if view.summary:
+        lines += ["", "**Summary from the agent:**", "", _clean(view.summary)]
+    return "\n".join(lines)
+
+
+def _check_text(view: RunView) -> str:
+    blocks = []
+    for failure in view.failures:
+        where = _location(failure)
+        header = f"#### `{_test_name(failure)}`"
+        blocks.append(header + (f" ({where})" if where else ""))
+        message = str(failure.get("message") or "").strip()
+        if message:
+            blocks.append("```\n" + _cut(message, 4000).replace("```", "'''") + "\n```")
+    return "\n\n".join(blocks)
+
+
+def _annotations(view: RunView) -> list[dict[str, Any]]:
+    annotations = []
+    for failure in view.failures:
+        if not failure.get("file") or not failure.get("line"):
+            continue
+        line = int(failure["line"])
+        annotations.append(
+            {
+                "path": str(failure["file"]),
+                "start_line": line,
+                "end_line": line,
+                "annotation_level": "failure",
+                "title": _cut(str(failure.get("name", "test failed")), 255),
+                "message": _cut(str(failure.get("message") or "failed"), ANNOTATION_MESSAGE_MAX),
+            }
+        )
+    return annotations[:ANNOTATIONS_MAX]
+
+
+# ---- the stateful side -------------------------------------------------------------------------
+
+
+class Reporter:
+    """Posts a run's comment and check run once, then edits them; live edits are throttled."""
+
+    def __init__(
+        self,
+        client: GitHubClient,
+        ids: IdStore,
+        *,
+        edit_interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._ids = ids
+        self.edit_interval = edit_interval
+        self._clock = clock
+        self._last_edit: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def on_queued(self, view: RunView) -> None:
+        self._publish(view)
+
+    def on_phase(self, view: RunView) -> bool:
+        """Show the new phase unless the run was edited less than `edit_interval` ago."""
+        with self._lock:
+            last = self._last_edit.get(view.run_id)
+            if last is not None and self._clock() - last < self.edit_interval:
+                return False
+        self._publish(view)
+        return True
+
+    def on_finished(self, view: RunView) -> None:
+        self._publish(view)
+        with self._lock:
+            self._last_edit.pop(view.run_id, None)
+
+    def _publish(self, view: RunView) -> None:
+        owner, repo = view.repo.split("/", 1)
+        body = render_comment(view)
+        comment_id = self._ids.recall(view.run_id, "comment")
+        if comment_id is None:
+            comment_id, _ = self._client.create_comment(owner, repo, view.number, body)
+            self._ids.remember(view.run_id, "comment", comment_id)
+        else:
+            self._client.update_comment(owner, repo, comment_id, body)
+        if view.head_sha:
+            self._publish_check(owner, repo, view)
+        with self._lock:
+            self._last_edit[view.run_id] = self._clock()
+
+    def _publish_check(self, owner: str, repo: str, view: RunView) -> None:
+        # GitHub appends annotations on every update: once completed, the check run is left alone.
+        if self._ids.recall(view.run_id, "check_run_completed") is not None:
+            return
+        payload = check_run_payload(view)
+        check_id = self._ids.recall(view.run_id, "check_run")
+        if check_id is None:
+            check_id = self._client.create_check_run(
+                owner,
+                repo,
+                str(view.head_sha),
+                payload["name"],
+                status=payload["status"],
+                conclusion=payload.get("conclusion"),
+                output=payload["output"],
+                details_url=payload.get("details_url"),
+                external_id=payload["external_id"],
+            )
+            self._ids.remember(view.run_id, "check_run", check_id)
+        else:
+            self._client.update_check_run(
+                owner,
+                repo,
+                check_id,
+                status=payload["status"],
+                conclusion=payload.get("conclusion"),
+                output=payload["output"],
+                details_url=payload.get("details_url"),
+            )
+        if view.state.finished:
+            self._ids.remember(view.run_id, "check_run_completed", check_id)
