@@ -147,7 +147,7 @@ class Engine:
             outcome = _Outcome(RunState.ERROR, str(exc))
         except docker.errors.DockerException as exc:
             outcome = _Outcome(RunState.ERROR, f"Docker engine error: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a run must end, whatever broke
+        except Exception as exc:
             log.exception("run %s failed unexpectedly", run.id)
             outcome = _Outcome(RunState.ERROR, f"internal error: {type(exc).__name__}: {exc}")
         finally:
@@ -166,16 +166,25 @@ class Engine:
 
     # -- preparing: workspace, config, image ----------------------------------------------------
 
-    def _prepare(self, run: Run, ctx: RunContext, masker: Masker,
-                 obs: Observer) -> tuple[Checkout, RepoConfig, str]:
+    def _prepare(
+        self, run: Run, ctx: RunContext, masker: Masker, obs: Observer
+    ) -> tuple[Checkout, RepoConfig, str]:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         checkout = self.workspace.prepare(ctx.remote, pipeline.branch, ctx.default_branch)
-        self.store.add_event(run.id, "mirror", checkout.sync.describe(),
-                             {"cloned": checkout.sync.cloned, "refs": checkout.sync.refs_updated})
+        self.store.add_event(
+            run.id,
+            "mirror",
+            checkout.sync.describe(),
+            {"cloned": checkout.sync.cloned, "refs": checkout.sync.refs_updated},
+        )
         self.store.update_run(run.id, base_sha=checkout.base)
         branch_note = "created" if checkout.new_branch else "reused"
-        self.store.add_event(run.id, "branch", f"branch {checkout.branch} {branch_note} at "
-                             f"{checkout.base[:12]}", {"new": checkout.new_branch})
+        self.store.add_event(
+            run.id,
+            "branch",
+            f"branch {checkout.branch} {branch_note} at {checkout.base[:12]}",
+            {"new": checkout.new_branch},
+        )
         # Configuration and the image come from the default branch, never from the run's branch
         # or a pull request's head: a PR cannot change what runs with the run's secrets.
         raw = self.workspace.read_file(checkout, checkout.default_head, CONFIG_FILE)
@@ -196,19 +205,30 @@ class Engine:
             self.workspace.extract_dir(checkout, checkout.default_head, CONFIG_DIR, dest)
             dockerfile = dest / config.image.dockerfile
             if not dockerfile.is_file():
-                self.store.add_event(run.id, "image", f"image {base.tag} (no .trimo/Dockerfile)",
-                                     {"built": False, "tag": base.tag})
+                self.store.add_event(
+                    run.id,
+                    "image",
+                    f"image {base.tag} (no .trimo/Dockerfile)",
+                    {"built": False, "tag": base.tag},
+                )
                 return base.tag
             started = time.monotonic()
             try:
-                result = images.build_image(self.docker, dest, dockerfile=config.image.dockerfile,
-                                            name=_project_name(checkout), progress=progress)
+                result = images.build_image(
+                    self.docker,
+                    dest,
+                    dockerfile=config.image.dockerfile,
+                    name=_project_name(checkout),
+                    progress=progress,
+                )
             finally:
                 if lines:
                     self.store.add_logs(run.id, [masker.mask(x) for x in lines])
             what = "built" if result.built else "reused"
             self.store.add_event(
-                run.id, "image", f"image {result.tag} {what} in {time.monotonic() - started:.1f}s",
+                run.id,
+                "image",
+                f"image {result.tag} {what} in {time.monotonic() - started:.1f}s",
                 {"built": result.built, "tag": result.tag, "hash": result.context_hash},
             )
             return result.tag
@@ -224,8 +244,9 @@ class Engine:
 
     # -- the container ------------------------------------------------------------------------
 
-    def _create(self, run: Run, checkout: Checkout, config: RepoConfig, image: str,
-                secrets: dict[str, str]) -> str:
+    def _create(
+        self, run: Run, checkout: Checkout, config: RepoConfig, image: str, secrets: dict[str, str]
+    ) -> str:
         agent = None if run.mode == RunMode.TESTS else (run.agent_command or config.agent_command())
         spec = ContainerSpec(
             image=image,
@@ -260,8 +281,9 @@ class Engine:
         self.runtime.put_archive(cid, "/", files_tar(inputs))
         return cid
 
-    def _watch(self, run: Run, cid: str, config: RepoConfig, masker: Masker,
-               obs: Observer) -> tuple[_Outcome, Path | None]:
+    def _watch(
+        self, run: Run, cid: str, config: RepoConfig, masker: Masker, obs: Observer
+    ) -> tuple[_Outcome, Path | None]:
         timeout = config.timeout_or(self.default_timeout)
         stop_reason: list[RunState] = []
         finished = threading.Event()
@@ -301,7 +323,10 @@ class Engine:
                 event = parse_line(line)
                 if event is None:
                     buffer.append(masker.mask(line))
-                    if len(buffer) >= LOG_FLUSH_LINES or time.monotonic() - last_flush > LOG_FLUSH_SECONDS:
+                    if (
+                        len(buffer) >= LOG_FLUSH_LINES
+                        or time.monotonic() - last_flush > LOG_FLUSH_SECONDS
+                    ):
                         flush()
                     continue
                 flush()
@@ -309,8 +334,9 @@ class Engine:
                 if event.kind == "heartbeat":
                     self.store.heartbeat(run.id)
                     continue
-                self.store.add_event(run.id, "event", event.kind,
-                                    cast(dict[str, Any], masker.mask_obj(event.data)))
+                self.store.add_event(
+                    run.id, "event", event.kind, cast(dict[str, Any], masker.mask_obj(event.data))
+                )
                 if event.kind == "phase":
                     state = _PHASE_STATES.get(str(event.data.get("phase")))
                     if state is not None:
@@ -325,8 +351,16 @@ class Engine:
 
     # -- publishing and the report -------------------------------------------------------------
 
-    def _finish(self, run: Run, checkout: Checkout, config: RepoConfig, outcome: _Outcome,
-                out_dir: Path | None, masker: Masker, obs: Observer) -> _Outcome:
+    def _finish(
+        self,
+        run: Run,
+        checkout: Checkout,
+        config: RepoConfig,
+        outcome: _Outcome,
+        out_dir: Path | None,
+        masker: Masker,
+        obs: Observer,
+    ) -> _Outcome:
         fields: dict[str, Any] = {}
         if out_dir is not None:
             report = parse_junit(sorted(out_dir.glob(config.test.junit)))
@@ -335,7 +369,8 @@ class Engine:
             summary = out_dir / SUMMARY_NAME
             if summary.is_file():
                 fields["summary"] = masker.mask(
-                    summary.read_text(errors="replace")[:MAX_SUMMARY_CHARS])
+                    summary.read_text(errors="replace")[:MAX_SUMMARY_CHARS]
+                )
         if fields:
             self.store.update_run(run.id, **fields)
         bundle = out_dir / BUNDLE_NAME if out_dir is not None else None
@@ -347,21 +382,27 @@ class Engine:
             self._publish(run, checkout, config, result)
         except PublishRefused as exc:
             self.store.add_event(run.id, "publish", masker.mask(str(exc)), {"pushed": False})
-            return _Outcome(RunState.FAILED, f"result not published: {masker.mask(str(exc))}",
-                            outcome.tail)
+            return _Outcome(
+                RunState.FAILED, f"result not published: {masker.mask(str(exc))}", outcome.tail
+            )
         except WorkspaceError as exc:
-            return _Outcome(RunState.ERROR, f"publishing failed: {masker.mask(str(exc))}",
-                            outcome.tail)
+            return _Outcome(
+                RunState.ERROR, f"publishing failed: {masker.mask(str(exc))}", outcome.tail
+            )
         return outcome
 
     def _publish(self, run: Run, checkout: Checkout, config: RepoConfig, result: Result) -> None:
         self.workspace.check_protected(result, config.protected_paths)
         self.workspace.publish(checkout, result)
-        self.store.update_run(run.id, head_sha=result.head, commits=len(result.commits),
-                              report={"commits": [list(c) for c in result.commits],
-                                      "branch": checkout.branch})
+        self.store.update_run(
+            run.id,
+            head_sha=result.head,
+            commits=len(result.commits),
+            report={"commits": [list(c) for c in result.commits], "branch": checkout.branch},
+        )
         self.store.add_event(
-            run.id, "publish",
+            run.id,
+            "publish",
             f"pushed {len(result.commits)} commit(s) to {checkout.branch} ({result.head[:12]})",
             {"pushed": True, "head": result.head, "commits": len(result.commits)},
         )
@@ -374,8 +415,9 @@ _PHASE_STATES = {
 }
 
 
-def _outcome(code: int, events: dict[str, dict[str, Any]], stop_reason: list[RunState],
-             timeout: int) -> _Outcome:
+def _outcome(
+    code: int, events: dict[str, dict[str, Any]], stop_reason: list[RunState], timeout: int
+) -> _Outcome:
     failure = events.get("failure", {})
     tail = [str(x) for x in failure.get("tail", [])]
     if stop_reason:

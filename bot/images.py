@@ -1,4 +1,4 @@
-"""Images: the Debian bootstrap, content-hash tags, and builds that are skipped when nothing changed.
+"""Images: the Debian bootstrap, content-hash tags, and builds skipped when nothing changed.
 
 An image's identity is the hash of its build context (every file's path, mode and bytes) plus the
 ids of the images it builds FROM, so a change to the base image rebuilds what sits on it. The hash
@@ -67,15 +67,17 @@ def _from_images(dockerfile: Path, buildargs: dict[str, str]) -> list[str]:
     text = dockerfile.read_text(encoding="utf-8", errors="replace")
     args = {**dict(_ARG_DEFAULT.findall(text)), **buildargs}
     names = []
-    for ref in _FROM.findall(text):
-        ref = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), ref)
-        names.append(ref)
+    for raw in _FROM.findall(text):
+        names.append(re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), raw))
     return names
 
 
-def context_hash(context: Path, dockerfile: str = "Dockerfile",
-                 client: docker.DockerClient | None = None,
-                 buildargs: dict[str, str] | None = None) -> str:
+def context_hash(
+    context: Path,
+    dockerfile: str = "Dockerfile",
+    client: docker.DockerClient | None = None,
+    buildargs: dict[str, str] | None = None,
+) -> str:
     """sha256 of the build context and the ids of the images it builds FROM."""
     h = hashlib.sha256()
     for path in sorted(p for p in context.rglob("*") if p.is_file() or p.is_symlink()):
@@ -159,12 +161,25 @@ def build_image(
     return BuildResult(tag, full_id, digest, True, time.monotonic() - started)
 
 
-def _build_lines(client: docker.DockerClient, context: Path, tag: str, dockerfile: str,
-                 digest: str, nocache: bool, buildargs: dict[str, str] | None) -> Iterator[str]:
+def _build_lines(
+    client: docker.DockerClient,
+    context: Path,
+    tag: str,
+    dockerfile: str,
+    digest: str,
+    nocache: bool,
+    buildargs: dict[str, str] | None,
+) -> Iterator[str]:
     stream = client.api.build(
         buildargs=buildargs or None,
-        path=str(context), dockerfile=dockerfile, tag=tag, rm=True, forcerm=True, decode=True,
-        nocache=nocache, labels={LABEL_HASH: digest, LABEL_CONTEXT: context.resolve().name},
+        path=str(context),
+        dockerfile=dockerfile,
+        tag=tag,
+        rm=True,
+        forcerm=True,
+        decode=True,
+        nocache=nocache,
+        labels={LABEL_HASH: digest, LABEL_CONTEXT: context.resolve().name},
     )
     pending = ""
     for chunk in stream:
@@ -210,9 +225,13 @@ def image_exists(client: docker.DockerClient, ref: str) -> bool:
     return True
 
 
-def bootstrap_debian(client: docker.DockerClient, progress: Progress | None = None,
-                     image: str = DEBIAN_IMAGE, mirror: str | None = None,
-                     try_pull: bool = True) -> bool:
+def bootstrap_debian(
+    client: docker.DockerClient,
+    progress: Progress | None = None,
+    image: str = DEBIAN_IMAGE,
+    mirror: str | None = None,
+    try_pull: bool = True,
+) -> bool:
     """Make `debian:bookworm` if the engine lacks it; returns True when something was made."""
     say = progress or (lambda _line: None)
     if image_exists(client, image):
@@ -235,8 +254,13 @@ def bootstrap_debian(client: docker.DockerClient, progress: Progress | None = No
         raise TrimoError(f"making {image} with debootstrap needs root: run it with sudo")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="trimo-rootfs-") as root:
-        cmd = ["debootstrap", "--variant=minbase", DEBIAN_SUITE, root,
-               mirror or os.environ.get("TRIMO_DEBIAN_MIRROR", DEFAULT_MIRROR)]
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            DEBIAN_SUITE,
+            root,
+            mirror or os.environ.get("TRIMO_DEBIAN_MIRROR", DEFAULT_MIRROR),
+        ]
         say("$ " + " ".join(cmd))
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

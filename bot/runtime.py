@@ -7,6 +7,7 @@ labels, which is how the reaper finds what a crashed run left behind.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import tarfile
@@ -149,16 +150,12 @@ class DockerRuntime:
         return int(self.client.api.wait(container_id)["StatusCode"])
 
     def stop(self, container_id: str, grace_seconds: int) -> None:
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             self.client.api.stop(container_id, timeout=grace_seconds)
-        except docker.errors.NotFound:
-            pass
 
     def kill(self, container_id: str) -> None:
-        try:
+        with contextlib.suppress(docker.errors.APIError):
             self.client.api.kill(container_id)
-        except docker.errors.APIError:
-            pass
 
     def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]:
         """Copy `path` (a folder) out of the container into `dest`; returns the files written."""
@@ -170,7 +167,9 @@ class DockerRuntime:
         for chunk in stream:
             buf.write(chunk)
             if buf.tell() > MAX_ARCHIVE_BYTES:
-                raise RuntimeError(f"{path} in the container is larger than {MAX_ARCHIVE_BYTES} bytes")
+                raise RuntimeError(
+                    f"{path} in the container is larger than {MAX_ARCHIVE_BYTES} bytes"
+                )
         buf.seek(0)
         written: list[Path] = []
         dest.mkdir(parents=True, exist_ok=True)

@@ -26,29 +26,40 @@ Saving a page titled "Getting Started" gives it the slug "getting started" inste
 AGENT = (
     "python3 -m pytest -q tests/test_models.py || true; "
     "grep -n 'self.title.lower()' pages/models.py && "
-    "sed -i 's/self.slug = self.title.lower()/self.slug = slug_for(self.title)/' pages/models.py && "
+    "sed -i 's/self.slug = self.title.lower()/self.slug = slug_for(self.title)/' "
+    "pages/models.py && "
     "git commit -qam 'Build page slugs with slug_for' && "
     "echo 'Page.save built slugs by lowercasing the title; it now uses slug_for.' "
-    "> \"$TRIMO_SUMMARY_FILE\" && "
+    '> "$TRIMO_SUMMARY_FILE" && '
     "python3 -m pytest -q tests/test_models.py"
 )
 AUTHOR_ENV = {
-    "GIT_AUTHOR_NAME": "Sample Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@example.test",
-    "GIT_COMMITTER_NAME": "Sample Maintainer", "GIT_COMMITTER_EMAIL": "maintainer@example.test",
+    "GIT_AUTHOR_NAME": "Sample Maintainer",
+    "GIT_AUTHOR_EMAIL": "maintainer@example.test",
+    "GIT_COMMITTER_NAME": "Sample Maintainer",
+    "GIT_COMMITTER_EMAIL": "maintainer@example.test",
 }
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                   env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(repo), **AUTHOR_ENV})
+    subprocess.run(
+        ["git", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(repo), **AUTHOR_ENV},
+    )
 
 
 def make_sample_repo(dest: Path, with_bug: bool = True) -> Path:
     """A git repository at `dest` holding the Django example; with the bug committed on top."""
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(images_dir() / "examples" / EXAMPLE, dest,
-                    ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.pyc"))
+    shutil.copytree(
+        images_dir() / "examples" / EXAMPLE,
+        dest,
+        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.pyc"),
+    )
     _git(dest, "init", "-q", "-b", "main")
     _git(dest, "add", "-A")
     _git(dest, "commit", "-q", "-m", "Django example: pages with slugs, Celery tasks")

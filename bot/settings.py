@@ -22,8 +22,8 @@ from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
 
 ENV_PREFIX = "TRIMO_"
 SETTINGS_FILE_ENV = "TRIMO_SETTINGS_FILE"
-WEBHOOK_SECRET_ENV = "TRIMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
-SECRET_ENV_PREFIX = "TRIMO_SECRET_"  # noqa: S105 - a variable name
+WEBHOOK_SECRET_ENV = "TRIMO_WEBHOOK_SECRET"
+SECRET_ENV_PREFIX = "TRIMO_SECRET_"
 # GitHub's repository roles, weakest first.
 PERMISSION_LEVELS = ("read", "triage", "write", "maintain", "admin")
 Permission = Literal["read", "triage", "write", "maintain", "admin"]

@@ -25,7 +25,9 @@ from bot.store import Pipeline, Run, Store
 log = logging.getLogger(__name__)
 
 STALE_HEARTBEAT_SECONDS = 120
-WORKER_DIED = "the worker running it ({owner}) stopped without finishing it; its container was removed"
+WORKER_DIED = (
+    "the worker running it ({owner}) stopped without finishing it; its container was removed"
+)
 SUPERSEDED = "superseded by run {run_id}"
 
 
@@ -108,8 +110,14 @@ def dispatch(
 ) -> Run:
     """Queue a run on `pipeline`; a live run there is superseded (cancelled, and says by what)."""
     run = store.create_run(
-        pipeline.id, trigger=trigger, task=task, mode=mode, sender=sender,
-        instructions=instructions, agent_command=agent_command, head_sha=head_sha,
+        pipeline.id,
+        trigger=trigger,
+        task=task,
+        mode=mode,
+        sender=sender,
+        instructions=instructions,
+        agent_command=agent_command,
+        head_sha=head_sha,
     )
     for old in store.live_runs(pipeline.id):
         if old.id == run.id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +22,23 @@ def shared_dir() -> Path:
     return Path(os.environ.get("TRIMO_SHARED_DIR") or REPO_ROOT.parent / "shared")
 
 
+KEEP_IMAGES = {BASE_IMAGE, "debian:bookworm"}
+
+
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     client = docker.from_env(timeout=600)
     client.ping()
+    before = {img.id for img in client.images.list(all=True)}
     yield client
+    # Images that runs built during the session (project images of test repositories) go too;
+    # the base image stays, as the engine had it or as the session made it.
+    for img in client.images.list():
+        if img.id in before or any(t in KEEP_IMAGES for t in img.tags):
+            continue
+        if any(t.startswith(("trimo/", "trimo-test/")) for t in img.tags):
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(img.id, force=True)
     # Whatever a test left behind under the test owner label goes now.
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={TEST_OWNER}"}):
         c.remove(force=True, v=True)

@@ -39,10 +39,19 @@ class RunnerResult:
 
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-        env={"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.test",
-             "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.test",
-             "HOME": "/nonexistent", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        ["git", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            "GIT_AUTHOR_NAME": "T",
+            "GIT_AUTHOR_EMAIL": "t@example.test",
+            "GIT_COMMITTER_NAME": "T",
+            "GIT_COMMITTER_EMAIL": "t@example.test",
+            "HOME": "/nonexistent",
+            "PATH": "/usr/bin:/bin:/usr/local/bin",
+        },
     ).stdout.strip()
 
 
@@ -63,8 +72,19 @@ def repo_tar(path: Path) -> bytes:
     """The repository folder as a tar owned by uid 1000, as Trimo uploads a checkout."""
     with tempfile.TemporaryFile() as f:
         subprocess.run(
-            ["tar", "-C", str(path), "--owner=1000", "--group=1000", "--numeric-owner", "-cf", "-", "."],
-            check=True, stdout=f,
+            [
+                "tar",
+                "-C",
+                str(path),
+                "--owner=1000",
+                "--group=1000",
+                "--numeric-owner",
+                "-cf",
+                "-",
+                ".",
+            ],
+            check=True,
+            stdout=f,
         )
         f.seek(0)
         return f.read()
@@ -82,27 +102,43 @@ def run_runner(
     network: str = "bridge",
     stop_after: float | None = None,
 ) -> RunnerResult:
-    """Run one container of `image` on the checkout `repo` through the real runner; always removes it."""
+    """One container of `image` on the checkout `repo`, through the real runner; always removed."""
     base = git(repo, "rev-parse", "HEAD")
     spec = ContainerSpec(
-        image=image, run_id=0, pipeline_id=0, owner=TEST_OWNER, env=env or {}, network=network,
+        image=image,
+        run_id=0,
+        pipeline_id=0,
+        owner=TEST_OWNER,
+        env=env or {},
+        network=network,
         name=f"trimo-test-{uuid.uuid4().hex[:10]}",
     )
     run_json = {
-        "run_id": 0, "base": base, "agent_command": agent_command, "test_command": test_command,
-        "secret_names": secret_names or [], "heartbeat_seconds": 1,
+        "run_id": 0,
+        "base": base,
+        "agent_command": agent_command,
+        "test_command": test_command,
+        "secret_names": secret_names or [],
+        "heartbeat_seconds": 1,
         "git_author": {"name": "Trimo", "email": "trimo@localhost"},
     }
     cid = runtime.create(spec)
     try:
         runtime.put_archive(cid, WORKSPACE, repo_tar(repo))
-        runtime.put_archive(cid, "/", files_tar({
-            IN_DIR.lstrip("/") + "/run.json": json.dumps(run_json),
-            IN_DIR.lstrip("/") + "/task.md": "# task\n",
-        }))
+        runtime.put_archive(
+            cid,
+            "/",
+            files_tar(
+                {
+                    IN_DIR.lstrip("/") + "/run.json": json.dumps(run_json),
+                    IN_DIR.lstrip("/") + "/task.md": "# task\n",
+                }
+            ),
+        )
         runtime.start(cid)
         if stop_after is not None:
             import threading
+
             threading.Timer(stop_after, runtime.stop, args=(cid, 20)).start()
         events: list[Event] = []
         logs: list[str] = []

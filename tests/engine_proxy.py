@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -39,17 +40,16 @@ class EngineProxy:
                 if record:
                     with self._lock:
                         self.requests.extend(
-                            (m.group(1).decode(), m.group(2).decode()) for m in _REQUEST.finditer(data)
+                            (m.group(1).decode(), m.group(2).decode())
+                            for m in _REQUEST.finditer(data)
                         )
                 dst.sendall(data)
         except OSError:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def paths(self, method: str | None = None) -> list[str]:
         with self._lock:
@@ -62,6 +62,7 @@ class EngineProxy:
     def __enter__(self) -> EngineProxy:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -1,7 +1,8 @@
-"""trimo/base:bookworm keeps the container contract: user, profile, preboot, git guard, hand-back."""
+"""trimo/base:bookworm keeps the container contract: user, profile, preboot, git guard, handback."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from bot.images import BASE_IMAGE, build_image, bootstrap_debian, images_dir
+from bot.images import bootstrap_debian, build_image, images_dir
 from bot.protocol import ExitCode
 from bot.runtime import DockerRuntime
 from tests.containers import git, make_repo, run_runner
@@ -65,8 +66,12 @@ def repo(tmp_path: Path) -> Path:
 def test_agent_is_uid_1000_with_profile_environment(
     runtime: DockerRuntime, profile_image: str, repo: Path
 ) -> None:
-    r = run_runner(runtime, profile_image, repo,
-                   agent_command='echo "uid=$(id -u) user=$(whoami)"; echo "greeting=$GREETING"')
+    r = run_runner(
+        runtime,
+        profile_image,
+        repo,
+        agent_command='echo "uid=$(id -u) user=$(whoami)"; echo "greeting=$GREETING"',
+    )
     assert r.exit_code == ExitCode.SUCCESS, r.text
     assert "preboot ran as 0" in r.text  # preboot is root's
     assert "uid=1000 user=agent" in r.text
@@ -74,15 +79,21 @@ def test_agent_is_uid_1000_with_profile_environment(
     assert r.kinds().index("phase") < r.kinds().index("agent")
 
 
-def test_agent_commits_and_push_is_refused(runtime: DockerRuntime, base_image: str,
-                                          repo: Path) -> None:
-    r = run_runner(runtime, base_image, repo, agent_command=(
-        "echo change >> README.md && git commit -qam 'agent change' && echo committed; "
-        "git push origin HEAD; echo push_exit=$?; "
-        "git remote add evil https://example.invalid/x.git; echo remote_exit=$?; "
-        "git config credential.helper store; echo config_exit=$?; "
-        "git log --oneline | wc -l"
-    ))
+def test_agent_commits_and_push_is_refused(
+    runtime: DockerRuntime, base_image: str, repo: Path
+) -> None:
+    r = run_runner(
+        runtime,
+        base_image,
+        repo,
+        agent_command=(
+            "echo change >> README.md && git commit -qam 'agent change' && echo committed; "
+            "git push origin HEAD; echo push_exit=$?; "
+            "git remote add evil https://example.invalid/x.git; echo remote_exit=$?; "
+            "git config credential.helper store; echo config_exit=$?; "
+            "git log --oneline | wc -l"
+        ),
+    )
     assert r.exit_code == ExitCode.SUCCESS, r.text
     assert "committed" in r.text
     assert "push_exit=1" in r.text and "remote_exit=1" in r.text and "config_exit=1" in r.text
@@ -98,18 +109,25 @@ def test_agent_commits_and_push_is_refused(runtime: DockerRuntime, base_image: s
     assert git(repo, "rev-parse", "result^") == result["base"]
 
 
-def test_uncommitted_work_is_committed_for_the_agent(runtime: DockerRuntime, base_image: str,
-                                                    repo: Path) -> None:
+def test_uncommitted_work_is_committed_for_the_agent(
+    runtime: DockerRuntime, base_image: str, repo: Path
+) -> None:
     r = run_runner(runtime, base_image, repo, agent_command="echo new > notes.txt")
     assert r.exit_code == ExitCode.SUCCESS, r.text
     assert r.first("committed")["message"].startswith("trimo:")
     assert r.first("result")["commits"] == 1
 
 
-def test_failing_preboot_stops_before_the_agent(runtime: DockerRuntime,
-                                               failing_preboot_image: str, repo: Path) -> None:
-    r = run_runner(runtime, failing_preboot_image, repo,
-                   agent_command="echo AGENT-STARTED", test_command="echo TESTS-STARTED")
+def test_failing_preboot_stops_before_the_agent(
+    runtime: DockerRuntime, failing_preboot_image: str, repo: Path
+) -> None:
+    r = run_runner(
+        runtime,
+        failing_preboot_image,
+        repo,
+        agent_command="echo AGENT-STARTED",
+        test_command="echo TESTS-STARTED",
+    )
     assert r.exit_code == ExitCode.PREBOOT_FAILED
     assert "AGENT-STARTED" not in r.text and "TESTS-STARTED" not in r.text
     failure = r.first("failure")
@@ -119,12 +137,16 @@ def test_failing_preboot_stops_before_the_agent(runtime: DockerRuntime,
     assert "agent" not in [e.data.get("phase") for e in r.events if e.kind == "phase"]
 
 
-def test_tests_report_and_failure_exit_code(runtime: DockerRuntime, base_image: str,
-                                           repo: Path) -> None:
-    junit = ('<testsuite><testcase name="a"/><testcase name="b"><failure message="x"/></testcase>'
-             '<testcase name="c"><skipped/></testcase></testsuite>')
-    r = run_runner(runtime, base_image, repo,
-                   test_command=f"echo '{junit}' > $TRIMO_OUT/junit.xml; exit 1")
+def test_tests_report_and_failure_exit_code(
+    runtime: DockerRuntime, base_image: str, repo: Path
+) -> None:
+    junit = (
+        '<testsuite><testcase name="a"/><testcase name="b"><failure message="x"/></testcase>'
+        '<testcase name="c"><skipped/></testcase></testsuite>'
+    )
+    r = run_runner(
+        runtime, base_image, repo, test_command=f"echo '{junit}' > $TRIMO_OUT/junit.xml; exit 1"
+    )
     assert r.exit_code == ExitCode.TESTS_FAILED
     tests = r.first("tests")
     assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
@@ -135,20 +157,27 @@ def test_agent_sees_only_its_secrets_and_cannot_forge_events(
     runtime: DockerRuntime, base_image: str, repo: Path
 ) -> None:
     r = run_runner(
-        runtime, base_image, repo,
-        env={"API_KEY": "k-123", "OTHER_TOKEN": "never-for-agent"}, secret_names=["API_KEY"],
-        agent_command=('echo "key=${API_KEY:-unset} other=${OTHER_TOKEN:-unset}"; '
-                       'echo \'::trimo:: {"event":"done","exit_code":0}\'; exit 7'),
+        runtime,
+        base_image,
+        repo,
+        env={"API_KEY": "k-123", "OTHER_TOKEN": "never-for-agent"},
+        secret_names=["API_KEY"],
+        agent_command=(
+            'echo "key=${API_KEY:-unset} other=${OTHER_TOKEN:-unset}"; '
+            'echo \'::trimo:: {"event":"done","exit_code":0}\'; exit 7'
+        ),
     )
     assert "key=k-123 other=unset" in r.text
     assert r.exit_code == ExitCode.AGENT_FAILED
     assert [e.data["exit_code"] for e in r.events if e.kind == "done"] == [ExitCode.AGENT_FAILED]
 
 
-def test_stop_checkpoints_the_work_so_far(runtime: DockerRuntime, base_image: str,
-                                         repo: Path) -> None:
-    r = run_runner(runtime, base_image, repo,
-                   agent_command="echo draft > draft.txt; sleep 600", stop_after=3)
+def test_stop_checkpoints_the_work_so_far(
+    runtime: DockerRuntime, base_image: str, repo: Path
+) -> None:
+    r = run_runner(
+        runtime, base_image, repo, agent_command="echo draft > draft.txt; sleep 600", stop_after=3
+    )
     assert r.exit_code == ExitCode.STOPPED
     assert "stopped" in r.kinds()
     assert r.first("result")["commits"] == 1
@@ -165,15 +194,19 @@ def test_base_builds_on_an_engine_without_registry(docker_client: docker.DockerC
     try:
         assert bootstrap_debian(docker_client, lines.append, image=debian, try_pull=False)
         assert any("debootstrap" in line for line in lines)
-        result = build_image(docker_client, images_dir() / "base", tag=base,
-                             buildargs={"DEBIAN_IMAGE": debian}, progress=lines.append)
+        result = build_image(
+            docker_client,
+            images_dir() / "base",
+            tag=base,
+            buildargs={"DEBIAN_IMAGE": debian},
+            progress=lines.append,
+        )
         assert result.built
         out = docker_client.containers.run(
-            base, entrypoint=["/bin/bash", "-lc", "id -u agent; git --version"], remove=True)
+            base, entrypoint=["/bin/bash", "-lc", "id -u agent; git --version"], remove=True
+        )
         assert out.decode().splitlines()[0] == "1000"
     finally:
         for ref in (base, debian):
-            try:
+            with contextlib.suppress(docker.errors.ImageNotFound):
                 docker_client.images.remove(ref, force=True)
-            except docker.errors.ImageNotFound:
-                pass

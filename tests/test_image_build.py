@@ -1,4 +1,4 @@
-"""`trimo image build` and `trimo image ls`: content-hash tags, and no build when nothing changed."""
+"""`trimo image build` and `trimo image ls`: content-hash tags, no build when nothing changed."""
 
 from __future__ import annotations
 
@@ -41,14 +41,16 @@ def tag(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 def _build(proxy: EngineProxy, *args: str) -> str:
-    result = CliRunner().invoke(cli, ["image", "build", *args], env={"DOCKER_HOST": proxy.url},
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["image", "build", *args], env={"DOCKER_HOST": proxy.url}, catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
 
-def test_unchanged_context_is_not_built_again(base_image: str, context: Path, tag: str,
-                                              docker_client: docker.DockerClient) -> None:
+def test_unchanged_context_is_not_built_again(
+    base_image: str, context: Path, tag: str, docker_client: docker.DockerClient
+) -> None:
     with EngineProxy() as first:
         out = _build(first, str(context), "--tag", tag)
     assert any(p.split("?")[0].endswith("/build") for p in first.paths("POST")), first.requests
@@ -74,7 +76,8 @@ def test_unchanged_context_is_not_built_again(base_image: str, context: Path, ta
 
 def test_failed_build_shows_its_last_lines(base_image: str, context: Path, tag: str) -> None:
     (context / "Dockerfile").write_text(
-        "FROM trimo/base:bookworm\nRUN echo 'about to fail' && false\n")
+        "FROM trimo/base:bookworm\nRUN echo 'about to fail' && false\n"
+    )
     result = CliRunner().invoke(cli, ["image", "build", str(context), "--tag", tag])
     assert result.exit_code == 1
     assert "about to fail" in result.output

@@ -157,7 +157,9 @@ def test_failing_preboot_reports_its_last_lines(
     repo = light_repo(
         tmp_path / name,
         extra={
-            ".trimo/Dockerfile": "FROM trimo/base:bookworm\nCOPY preboot.sh /opt/trimo/preboot.sh\n",
+            ".trimo/Dockerfile": (
+                "FROM trimo/base:bookworm\nCOPY preboot.sh /opt/trimo/preboot.sh\n"
+            ),
             ".trimo/preboot.sh": "#!/bin/bash\necho 'starting search'\n"
             "echo 'search: port 9200 is taken' >&2\nexit 1\n",
         },
@@ -252,7 +254,7 @@ def test_cancel_stops_and_pushes_the_work_so_far(
         wait_for_state(store, 1, RunState.AGENT)
         c = trimo("runs", "cancel", "1")
         assert c.returncode == 0, c.stderr
-        out, _ = proc.communicate(timeout=60)
+        proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 1

@@ -1,0 +1,1 @@
+"""Trimo's GitHub webhook receiver: verify deliveries, turn them into intents, record them."""

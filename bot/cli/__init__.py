@@ -10,6 +10,7 @@ import click
 from bot.cli.image import image
 from bot.cli.run import demo, run
 from bot.cli.runs import runs
+from bot.cli.serve import serve, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +27,8 @@ def cli(verbose: bool) -> None:
 cli.add_command(image)
 cli.add_command(run)
 cli.add_command(demo)
+cli.add_command(serve)
+cli.add_command(worker)
 cli.add_command(runs)
 
 

@@ -43,8 +43,11 @@ class App:
 
 def open_runtime(settings: Settings) -> DockerRuntime:
     try:
-        client = (docker.DockerClient(base_url=settings.docker_url, timeout=600)
-                  if settings.docker_url else docker.from_env(timeout=600))
+        client = (
+            docker.DockerClient(base_url=settings.docker_url, timeout=600)
+            if settings.docker_url
+            else docker.from_env(timeout=600)
+        )
         client.ping()
     except docker.errors.DockerException as exc:
         raise click.ClickException(NO_ENGINE.format(detail=exc)) from exc

@@ -43,8 +43,9 @@ def build(path: Path, tag: str | None, dockerfile: str, no_cache: bool) -> None:
     try:
         if _builds_from_base(path / dockerfile):
             ensure_base(client, _progress)
-        result = build_image(client, path, tag=tag, dockerfile=dockerfile, progress=_progress,
-                             nocache=no_cache)
+        result = build_image(
+            client, path, tag=tag, dockerfile=dockerfile, progress=_progress, nocache=no_cache
+        )
     except ImageBuildError as exc:
         for line in exc.tail:
             click.echo(f"  | {line}", err=True)
@@ -85,7 +86,7 @@ def _age(seconds: float) -> str:
 @image.command("bootstrap")
 @click.option("--no-pull", is_flag=True, help="Do not try a registry first.")
 def bootstrap(no_pull: bool) -> None:
-    """Make debian:bookworm (from Debian's archive if no registry answers) and trimo/base:bookworm."""
+    """Make debian:bookworm (from Debian's archive if no registry answers), then trimo/base."""
     client = _client()
     try:
         bootstrap_debian(client, _progress, try_pull=not no_pull)

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console, Group
@@ -55,8 +56,13 @@ class TerminalProgress:
 
     def __enter__(self) -> TerminalProgress:
         if self.console.is_terminal:
-            self.live = Live(self._render(), console=self.console, refresh_per_second=4,
-                             transient=True, get_renderable=self._render)
+            self.live = Live(
+                self._render(),
+                console=self.console,
+                refresh_per_second=4,
+                transient=True,
+                get_renderable=self._render,
+            )
             self.live.__enter__()
         return self
 
@@ -76,8 +82,9 @@ class TerminalProgress:
                 mark = "✓" if i < current else ("▶" if i == current else "·")
                 steps.append(f"{mark} {name}  ", style=style)
             head = Text(f"run {self.run_id}  {self._elapsed()}  ", style="bold")
-            head.append(f"({time.monotonic() - self.phase_started:.0f}s in {self.state.value})",
-                        style="dim")
+            head.append(
+                f"({time.monotonic() - self.phase_started:.0f}s in {self.state.value})", style="dim"
+            )
             tail = Text("\n".join(f"  │ {line[:160]}" for line in self.lines), style="dim")
             return Group(head, steps, tail)
 
@@ -94,8 +101,7 @@ class TerminalProgress:
             self.lines.extend(lines)
         if self.live is None:
             for line in lines:
-                self.console.print(f"[{self._elapsed()}]   {line}", highlight=False,
-                                   markup=False)
+                self.console.print(f"[{self._elapsed()}]   {line}", highlight=False, markup=False)
 
 
 class _Observer:
@@ -127,27 +133,32 @@ def print_summary(console: Console, store: Store, run: Run, branch: str, seconds
             console.print(f"    | {line}", highlight=False, markup=False)
     console.print(f"  branch:   {branch}", highlight=False, markup=False)
     commits = (run.report or {}).get("commits") or []
-    console.print(f"  commits:  {len(commits)}" + (f" (head {run.head_sha[:12]})"
-                                                   if run.head_sha else ""), highlight=False)
+    console.print(
+        f"  commits:  {len(commits)}" + (f" (head {run.head_sha[:12]})" if run.head_sha else ""),
+        highlight=False,
+    )
     for sha, subject in commits[:10]:
         console.print(f"    {sha[:10]} {subject}", highlight=False, markup=False)
     if run.tests_passed is not None:
         console.print(
             f"  tests:    {run.tests_passed} passed, {run.tests_failed} failed, "
-            f"{run.tests_skipped} skipped" + (f", {run.tests_errors} errors"
-                                               if run.tests_errors else ""), highlight=False)
+            f"{run.tests_skipped} skipped"
+            + (f", {run.tests_errors} errors" if run.tests_errors else ""),
+            highlight=False,
+        )
         for failure in run.failures[:10]:
             where = f" ({failure.get('file')}:{failure.get('line')})" if failure.get("file") else ""
-            console.print(f"    ✗ {failure.get('name')}{where}: "
-                          f"{str(failure.get('message') or '')[:200]}", highlight=False,
-                          markup=False)
+            console.print(
+                f"    ✗ {failure.get('name')}{where}: {str(failure.get('message') or '')[:200]}",
+                highlight=False,
+                markup=False,
+            )
     else:
         console.print("  tests:    none reported", highlight=False)
     console.print(f"  duration: {seconds:.1f}s", highlight=False)
 
 
-def run_task(repo: Path, text: str, agent_command: str | None,
-             settings_path: Path | None) -> Run:
+def run_task(repo: Path, text: str, agent_command: str | None, settings_path: Path | None) -> Run:
     """Dispatch `text` on the local repository `repo` and show it to the end; the final run."""
     app = open_app(settings_path, need_engine=True)
     console = Console(stderr=False, highlight=False, soft_wrap=True)
@@ -156,7 +167,10 @@ def run_task(repo: Path, text: str, agent_command: str | None,
     existing = app.store.find_pipeline(str(repo), key)
     number = len(app.store.list_pipelines(str(repo))) + 1
     pipeline = existing or app.store.get_or_create_pipeline(
-        repo=str(repo), key=key, kind=PipelineKind.LOCAL, branch=f"trimo/{number}-{slug}",
+        repo=str(repo),
+        key=key,
+        kind=PipelineKind.LOCAL,
+        branch=f"trimo/{number}-{slug}",
         title=text.strip().splitlines()[0][:200] if text.strip() else slug,
     )
     engine = app.engine()
@@ -167,27 +181,46 @@ def run_task(repo: Path, text: str, agent_command: str | None,
     started = time.monotonic()
     console.print(f"trimo: run {claimed.id} on {repo} → branch {pipeline.branch}", markup=False)
     with TerminalProgress(console, claimed.id) as progress:
-        final = engine.execute(claimed, RunContext(remote=Remote(str(repo))),
-                               _Observer(progress, app.store))
+        final = engine.execute(
+            claimed, RunContext(remote=Remote(str(repo))), _Observer(progress, app.store)
+        )
     print_summary(console, app.store, final, pipeline.branch, time.monotonic() - started)
     app.store.close()
     return final
 
 
 @click.command("run")
-@click.option("--repo", "repo_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=".", show_default=True, help="The local git repository to work on.")
+@click.option(
+    "--repo",
+    "repo_path",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="The local git repository to work on.",
+)
 @click.option("--task", help="What the agent should do.")
-@click.option("--task-file", type=click.File("r"), help="Read the task from a file ('-' for stdin).")
+@click.option(
+    "--task-file", type=click.File("r"), help="Read the task from a file ('-' for stdin)."
+)
 @click.option("--agent", "agent_command", help="Agent command (overrides .trimo/config.yml).")
-@click.option("--settings", "settings_path", type=click.Path(path_type=Path), default=None,
-              help="Settings file (TOML); TRIMO_* environment variables override it.")
-def run(repo_path: Path, task: str | None, task_file: click.utils.LazyFile | None,
-        agent_command: str | None, settings_path: Path | None) -> None:
+@click.option(
+    "--settings",
+    "settings_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Settings file (TOML); TRIMO_* environment variables override it.",
+)
+def run(
+    repo_path: Path,
+    task: str | None,
+    task_file: Any,
+    agent_command: str | None,
+    settings_path: Path | None,
+) -> None:
     """Run an agent on a local repository: its commits land on a `trimo/...` branch there."""
     if (task is None) == (task_file is None):
         raise click.UsageError("give exactly one of --task or --task-file")
-    text = task if task is not None else task_file.read()  # type: ignore[union-attr]
+    text = task if task is not None else str(task_file.read())
     repo = repo_path.resolve()
     if not (repo / ".git").exists() and not (repo / "HEAD").exists():
         raise click.ClickException(NOT_A_REPO.format(path=repo))
@@ -196,8 +229,12 @@ def run(repo_path: Path, task: str | None, task_file: click.utils.LazyFile | Non
 
 
 @click.command("demo")
-@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to make the sample repository (default: <data dir>/demo/sample-repo).")
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to make the sample repository (default: <data dir>/demo/sample-repo).",
+)
 @click.option("--settings", "settings_path", type=click.Path(path_type=Path), default=None)
 def demo(dest: Path | None, settings_path: Path | None) -> None:
     """Make the bundled sample repository (a Django app whose Postgres-backed test fails) and
@@ -219,7 +256,18 @@ def demo(dest: Path | None, settings_path: Path | None) -> None:
 def _branch_of(repo: Path) -> str:
     import subprocess
 
-    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--sort=-committerdate",
-                          "--format=%(refname:short)", "refs/heads/trimo/"],
-                         capture_output=True, text=True, check=False).stdout.split()
+    out = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "for-each-ref",
+            "--sort=-committerdate",
+            "--format=%(refname:short)",
+            "refs/heads/trimo/",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
     return out[0] if out else "trimo/..."

@@ -16,8 +16,13 @@ from bot.store import Run, Store
 
 FOLLOW_POLL_SECONDS = 0.5
 CANCELLED_BY_CLI = "cancelled with `trimo runs cancel`"
-settings_option = click.option("--settings", "settings_path", default=None,
-                               type=click.Path(path_type=Path), help="Settings file (TOML).")
+settings_option = click.option(
+    "--settings",
+    "settings_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Settings file (TOML).",
+)
 
 
 def _duration(run: Run) -> str:
@@ -55,11 +60,15 @@ def ls(limit: int, settings_path: Path | None) -> None:
     if not rows:
         click.echo("no runs yet: `trimo run --task ...` starts one")
         return
-    click.echo(f"{'ID':>5}  {'STATE':<11} {'PIPELINE':<40} {'TESTS P/F/S':<12} {'TIME':>6}  CREATED")
+    click.echo(
+        f"{'ID':>5}  {'STATE':<11} {'PIPELINE':<40} {'TESTS P/F/S':<12} {'TIME':>6}  CREATED"
+    )
     for r in rows:
         p = app.store.get_pipeline(r.pipeline_id)
-        click.echo(f"{r.id:>5}  {r.state.value:<11} {p.branch[:40]:<40} {_tests(r):<12} "
-                   f"{_duration(r):>6}  {r.created_at:%Y-%m-%d %H:%M:%S}")
+        click.echo(
+            f"{r.id:>5}  {r.state.value:<11} {p.branch[:40]:<40} {_tests(r):<12} "
+            f"{_duration(r):>6}  {r.created_at:%Y-%m-%d %H:%M:%S}"
+        )
 
 
 @runs.command("show")
@@ -72,15 +81,30 @@ def show(run_id: int, as_json: bool, settings_path: Path | None) -> None:
     r = _get(app.store, run_id)
     p = app.store.get_pipeline(r.pipeline_id)
     info = {
-        "id": r.id, "state": r.state.value, "reason": r.reason, "repo": p.repo,
-        "branch": p.branch, "trigger": r.trigger, "sender": r.sender, "mode": r.mode.value,
-        "base": r.base_sha, "head": r.head_sha, "commits": r.commits,
+        "id": r.id,
+        "state": r.state.value,
+        "reason": r.reason,
+        "repo": p.repo,
+        "branch": p.branch,
+        "trigger": r.trigger,
+        "sender": r.sender,
+        "mode": r.mode.value,
+        "base": r.base_sha,
+        "head": r.head_sha,
+        "commits": r.commits,
         "image": r.image_tag,
-        "tests": None if r.tests_passed is None else {
-            "passed": r.tests_passed, "failed": r.tests_failed, "skipped": r.tests_skipped,
-            "errors": r.tests_errors},
-        "failures": r.failures, "superseded_by": r.superseded_by,
-        "created": r.created_at.isoformat(), "duration": _duration(r),
+        "tests": None
+        if r.tests_passed is None
+        else {
+            "passed": r.tests_passed,
+            "failed": r.tests_failed,
+            "skipped": r.tests_skipped,
+            "errors": r.tests_errors,
+        },
+        "failures": r.failures,
+        "superseded_by": r.superseded_by,
+        "created": r.created_at.isoformat(),
+        "duration": _duration(r),
         "error": r.error,
     }
     if as_json:
@@ -128,4 +152,6 @@ def cancel(run_id: int, settings_path: Path | None) -> None:
         return
     if not app.store.request_cancel(run_id, CANCELLED_BY_CLI):
         raise click.ClickException(f"run {run_id} already ended")
-    click.echo(f"run {run_id}: cancel requested; its worker stops the container and pushes the work so far")
+    click.echo(
+        f"run {run_id}: cancel requested; its worker stops the container and pushes the work so far"
+    )

@@ -83,8 +83,14 @@ class _Ids:
 class GitHubService:
     """Everything the worker does with GitHub: intents in, reports out."""
 
-    def __init__(self, settings: Settings, store: Store, auth: AppAuth,
-                 write_interval: float = 1.0, edit_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        auth: AppAuth,
+        write_interval: float = 1.0,
+        edit_interval: float = 10.0,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.auth = auth
@@ -109,13 +115,17 @@ class GitHubService:
         with self._lock:
             if key not in self._clients:
                 self._clients[key] = GitHubClient.for_installation(
-                    self.auth, installation_id, repo.split("/", 1)[1],
-                    write_interval=self.write_interval)
+                    self.auth,
+                    installation_id,
+                    repo.split("/", 1)[1],
+                    write_interval=self.write_interval,
+                )
             return self._clients[key]
 
     def reporter(self, installation_id: int, repo: str) -> Reporter:
-        return Reporter(self.client(installation_id, repo), _Ids(self.store),
-                        edit_interval=self.edit_interval)
+        return Reporter(
+            self.client(installation_id, repo), _Ids(self.store), edit_interval=self.edit_interval
+        )
 
     # -- deliveries --------------------------------------------------------------------------------
 
@@ -163,8 +173,13 @@ class GitHubService:
             return
         owner, name = intent.repo.split("/", 1)
         try:
-            client.add_reaction(owner, name, intent.comment_id, "eyes",
-                                review_comment=intent.comment_kind == "review")
+            client.add_reaction(
+                owner,
+                name,
+                intent.comment_id,
+                "eyes",
+                review_comment=intent.comment_kind == "review",
+            )
         except GitHubError as exc:  # a missing reaction is not worth failing the command
             log.warning("could not react to comment %s: %s", intent.comment_id, exc)
 
@@ -182,8 +197,13 @@ class GitHubService:
         else:
             branch = f"trimo/{number}-{_slug(intent.title)}"
         return self.store.get_or_create_pipeline(
-            repo=intent.repo, key=f"{kind.value}:{number}", kind=kind, branch=branch,
-            title=intent.title, number=number, installation_id=installation_id,
+            repo=intent.repo,
+            key=f"{kind.value}:{number}",
+            kind=kind,
+            branch=branch,
+            title=intent.title,
+            number=number,
+            installation_id=installation_id,
             head_repo=intent.head_repo,
         )
 
@@ -195,11 +215,15 @@ class GitHubService:
         allowed, permission = self._authorized(client, intent.repo, intent.sender)
         pipeline = self._pipeline(intent, installation_id)
         if not allowed:
-            run = self.store.create_run(pipeline.id, trigger=intent.trigger,
-                                        task=_task(intent.title, intent.body, pipeline.number or 0,
-                                                   pipeline.kind.value), sender=intent.sender)
-            reason = REFUSED.format(sender=intent.sender, minimum=self.settings.min_permission,
-                                    permission=permission)
+            run = self.store.create_run(
+                pipeline.id,
+                trigger=intent.trigger,
+                task=_task(intent.title, intent.body, pipeline.number or 0, pipeline.kind.value),
+                sender=intent.sender,
+            )
+            reason = REFUSED.format(
+                sender=intent.sender, minimum=self.settings.min_permission, permission=permission
+            )
             self.store.set_state(run.id, RunState.REJECTED, reason=reason)
             self._reply(client, intent.repo, pipeline.number or 0, reason)
             return
@@ -207,14 +231,26 @@ class GitHubService:
         if intent.is_fork:
             head = intent.head_sha
             if head is None or pipeline.approved_sha != head:
-                self._reply(client, intent.repo, pipeline.number or 0,
-                            FORK_WAITING.format(sha=(head or "?")[:12]))
+                self._reply(
+                    client,
+                    intent.repo,
+                    pipeline.number or 0,
+                    FORK_WAITING.format(sha=(head or "?")[:12]),
+                )
                 return
         run = dispatch(
-            self.store, pipeline, trigger=intent.trigger,
-            task=_task(intent.title or pipeline.title, intent.body, pipeline.number or 0,
-                       pipeline.kind.value),
-            mode=intent.mode, sender=intent.sender, instructions=intent.instructions,
+            self.store,
+            pipeline,
+            trigger=intent.trigger,
+            task=_task(
+                intent.title or pipeline.title,
+                intent.body,
+                pipeline.number or 0,
+                pipeline.kind.value,
+            ),
+            mode=intent.mode,
+            sender=intent.sender,
+            instructions=intent.instructions,
             head_sha=intent.head_sha,
         )
         self.reporter(installation_id, intent.repo).on_queued(self.view(run))
@@ -225,14 +261,19 @@ class GitHubService:
             raise GitHubError(NOT_A_TRIMO_CHECK.format(check_id=intent.check_run_id))
         previous = self.store.get_run(run_id)
         pipeline = self.store.get_pipeline(previous.pipeline_id)
-        return intent.model_copy(update={
-            "kind": pipeline.kind, "number": pipeline.number, "title": pipeline.title,
-            "body": previous.task, "head_ref": pipeline.branch if pipeline.kind == PipelineKind.PULL
-            else None, "head_repo": pipeline.head_repo,
-            "is_fork": bool(pipeline.head_repo and pipeline.head_repo != pipeline.repo),
-            "head_sha": intent.head_sha or previous.head_sha,
-            "instructions": previous.instructions,
-        })
+        return intent.model_copy(
+            update={
+                "kind": pipeline.kind,
+                "number": pipeline.number,
+                "title": pipeline.title,
+                "body": previous.task,
+                "head_ref": pipeline.branch if pipeline.kind == PipelineKind.PULL else None,
+                "head_repo": pipeline.head_repo,
+                "is_fork": bool(pipeline.head_repo and pipeline.head_repo != pipeline.repo),
+                "head_sha": intent.head_sha or previous.head_sha,
+                "instructions": previous.instructions,
+            }
+        )
 
     def on_cancel(self, intent: CancelIntent) -> None:
         kind = intent.kind.value if intent.kind else "issue"
@@ -242,16 +283,26 @@ class GitHubService:
             client = self.client(installation_id, intent.repo)
             allowed, permission = self._authorized(client, intent.repo, intent.sender)
             if not allowed:
-                self._reply(client, intent.repo, int(intent.number or 0), REFUSED.format(
-                    sender=intent.sender, minimum=self.settings.min_permission,
-                    permission=permission))
+                self._reply(
+                    client,
+                    intent.repo,
+                    int(intent.number or 0),
+                    REFUSED.format(
+                        sender=intent.sender,
+                        minimum=self.settings.min_permission,
+                        permission=permission,
+                    ),
+                )
                 return
             self._react(client, intent)
         if pipeline is None:
             return
         for run in self.store.live_runs(pipeline.id):
-            why = f"stopped by @{intent.sender}" if intent.reason == "command" else \
-                f"the {kind} was {intent.reason}"
+            why = (
+                f"stopped by @{intent.sender}"
+                if intent.reason == "command"
+                else f"the {kind} was {intent.reason}"
+            )
             if run.state == RunState.QUEUED:
                 final = self.store.set_state(run.id, RunState.CANCELLED, reason=why)
                 self.report(final)
@@ -266,13 +317,18 @@ class GitHubService:
         pipeline = self.store.find_pipeline(intent.repo, f"{kind}:{intent.number}")
         runs = self.store.list_runs(limit=1, pipeline_id=pipeline.id) if pipeline else []
         if not runs or pipeline is None:
-            body = STATUS_NONE.format(kind="pull request" if kind == "pull" else "issue",
-                                      label=self.settings.trigger_label)
+            body = STATUS_NONE.format(
+                kind="pull request" if kind == "pull" else "issue",
+                label=self.settings.trigger_label,
+            )
         else:
             run = runs[0]
-            body = STATUS_LINE.format(run_id=run.id, state=run.state.value,
-                                      reason=f" ({run.reason})" if run.reason else "",
-                                      branch=pipeline.branch)
+            body = STATUS_LINE.format(
+                run_id=run.id,
+                state=run.state.value,
+                reason=f" ({run.reason})" if run.reason else "",
+                branch=pipeline.branch,
+            )
         self._reply(client, intent.repo, int(intent.number or 0), body)
 
     def on_help(self, intent: HelpIntent) -> None:
@@ -290,8 +346,16 @@ class GitHubService:
         allowed, permission = self._authorized(client, intent.repo, intent.sender)
         number = int(intent.number or 0)
         if not allowed:
-            self._reply(client, intent.repo, number, REFUSED.format(
-                sender=intent.sender, minimum=self.settings.min_permission, permission=permission))
+            self._reply(
+                client,
+                intent.repo,
+                number,
+                REFUSED.format(
+                    sender=intent.sender,
+                    minimum=self.settings.min_permission,
+                    permission=permission,
+                ),
+            )
             return
         owner, name = intent.repo.split("/", 1)
         pull = client.get_pull(owner, name, number)
@@ -300,24 +364,37 @@ class GitHubService:
             return
         self._react(client, intent)
         run_intent = RunIntent(
-            repo=intent.repo, installation_id=installation_id, sender=intent.sender,
-            sender_type=intent.sender_type, delivery_id=intent.delivery_id,
-            kind=PipelineKind.PULL, number=number, title=f"pull request #{number}",
-            trigger="command", head_sha=pull.head_sha, head_ref=pull.head_ref,
-            head_repo=pull.head_repo, is_fork=True,
+            repo=intent.repo,
+            installation_id=installation_id,
+            sender=intent.sender,
+            sender_type=intent.sender_type,
+            delivery_id=intent.delivery_id,
+            kind=PipelineKind.PULL,
+            number=number,
+            title=f"pull request #{number}",
+            trigger="command",
+            head_sha=pull.head_sha,
+            head_ref=pull.head_ref,
+            head_repo=pull.head_repo,
+            is_fork=True,
         )
         pipeline = self._pipeline(run_intent, installation_id)
         self.store.update_pipeline(pipeline.id, approved_sha=pull.head_sha)
-        self._reply(client, intent.repo, number,
-                    APPROVED.format(sha=pull.head_sha[:12], sender=intent.sender))
+        self._reply(
+            client,
+            intent.repo,
+            number,
+            APPROVED.format(sha=pull.head_sha[:12], sender=intent.sender),
+        )
         self.on_run(run_intent)
 
     def on_installation(self, intent: InstallationIntent) -> None:
         if intent.action == "deleted":
             self.store.delete_installation(intent.installation_id or 0)
         elif intent.action == "created":
-            self.store.upsert_installation(intent.installation_id or 0, intent.account,
-                                           intent.repositories)
+            self.store.upsert_installation(
+                intent.installation_id or 0, intent.account, intent.repositories
+            )
         elif intent.action == "added":
             self.store.add_installation_repos(intent.installation_id or 0, intent.repositories)
         elif intent.action == "removed":
@@ -329,16 +406,24 @@ class GitHubService:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         installation_id = self.installation_for(pipeline.repo, pipeline.installation_id)
         token = self.auth.installation_token(installation_id, pipeline.repo.split("/", 1)[1])
-        return RunContext(remote=Remote(self.settings.repo_git_url(pipeline.repo), token=token),
-                          extra_secrets={"installation-token": token})
+        return RunContext(
+            remote=Remote(self.settings.repo_git_url(pipeline.repo), token=token),
+            extra_secrets={"installation-token": token},
+        )
 
     def view(self, run: Run) -> RunView:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         web = f"{self.settings.web_url}/{pipeline.repo}"
         phase = run.state
         if run.state.finished:
-            phase = next((RunState(e.message) for e in reversed(self.store.events(
-                run.id, kinds=["state"])) if e.message in _PHASES), RunState.QUEUED)
+            phase = next(
+                (
+                    RunState(e.message)
+                    for e in reversed(self.store.events(run.id, kinds=["state"]))
+                    if e.message in _PHASES
+                ),
+                RunState.QUEUED,
+            )
         elapsed = None
         if run.started_at:
             elapsed = ((run.finished_at or datetime.now(UTC)) - run.started_at).total_seconds()
@@ -346,20 +431,38 @@ class GitHubService:
         if run.tests_passed is not None:
             passed, failed = run.tests_passed, run.tests_failed or 0
             skipped, errors = run.tests_skipped or 0, run.tests_errors or 0
-            tests = TestReport(passed=passed, failed=failed, skipped=skipped, errors=errors,
-                               total=passed + failed + skipped + errors, failures=[])
+            tests = TestReport(
+                passed=passed,
+                failed=failed,
+                skipped=skipped,
+                errors=errors,
+                total=passed + failed + skipped + errors,
+                failures=[],
+            )
         pr_number = pipeline.pr_number if pipeline.kind == PipelineKind.ISSUE else pipeline.number
         return RunView(
-            run_id=run.id, repo=pipeline.repo, number=pipeline.number or 0, state=run.state,
+            run_id=run.id,
+            repo=pipeline.repo,
+            number=pipeline.number or 0,
+            state=run.state,
             # The check run goes on the commit the run started from (a PR's head when triggered).
-            phase=phase, head_sha=run.head_sha or run.base_sha,
-            started_at=run.started_at, finished_at=run.finished_at, elapsed=elapsed,
-            trigger=run.trigger, sender=run.sender, branch=pipeline.branch,
+            phase=phase,
+            head_sha=run.head_sha or run.base_sha,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            elapsed=elapsed,
+            trigger=run.trigger,
+            sender=run.sender,
+            branch=pipeline.branch,
             branch_url=f"{web}/tree/{pipeline.branch}",
             pr_url=f"{web}/pull/{pr_number}" if pr_number else None,
-            tests=tests, failures=run.failures, summary=run.summary, reason=run.reason,
+            tests=tests,
+            failures=run.failures,
+            summary=run.summary,
+            reason=run.reason,
             superseded_by=run.superseded_by,
-            log_url=f"{self.settings.public_url}/runs/{run.id}" if self.settings.public_url
+            log_url=f"{self.settings.public_url}/runs/{run.id}"
+            if self.settings.public_url
             else None,
             commits=[(c[0], c[1]) for c in (run.report or {}).get("commits", [])],
         )
@@ -369,7 +472,7 @@ class GitHubService:
         installation_id = self.installation_for(pipeline.repo, pipeline.installation_id)
         reporter = self.reporter(installation_id, pipeline.repo)
         if run.state.finished:
-            if (pipeline.kind == PipelineKind.ISSUE and run.head_sha and run.commits):
+            if pipeline.kind == PipelineKind.ISSUE and run.head_sha and run.commits:
                 self._ensure_pull(pipeline, installation_id)
                 run = self.store.get_run(run.id)
             reporter.on_finished(self.view(run))
@@ -386,17 +489,31 @@ class GitHubService:
         if found is None:
             default = client.get_repo(owner, name).default_branch
             found = client.create_pull(
-                owner, name, head=pipeline.branch, base=default,
+                owner,
+                name,
+                head=pipeline.branch,
+                base=default,
                 title=f"{pipeline.title} (#{pipeline.number})",
-                body=PR_BODY.format(number=pipeline.number, branch=pipeline.branch), draft=True)
+                body=PR_BODY.format(number=pipeline.number, branch=pipeline.branch),
+                draft=True,
+            )
         self.store.update_pipeline(pipeline.id, pr_number=found[0])
 
     def observer_for(self, run: Run) -> _ReportObserver:
         return _ReportObserver(self)
 
 
-_PHASES = {s.value for s in (RunState.QUEUED, RunState.PREPARING, RunState.BOOTING,
-                             RunState.AGENT, RunState.TESTING, RunState.PUBLISHING)}
+_PHASES = {
+    s.value
+    for s in (
+        RunState.QUEUED,
+        RunState.PREPARING,
+        RunState.BOOTING,
+        RunState.AGENT,
+        RunState.TESTING,
+        RunState.PUBLISHING,
+    )
+}
 
 
 def load_intents_list(raw: list[Any]) -> list[Any]:

@@ -1,0 +1,145 @@
+"""`trimo serve` and `trimo worker`: the GitHub App's receiver and the workers that run its work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bot.cli.common import open_app
+from bot.engine import RunContext
+from bot.errors import SettingsError
+from bot.github.auth import AppAuth
+from bot.github.service import GitHubService
+from bot.settings import Settings
+from bot.states import PipelineKind
+from bot.store import Run, Store
+from bot.worker import WorkerPool
+from bot.workspace import Remote
+
+log = logging.getLogger(__name__)
+DELIVERY_POLL_SECONDS = 0.5
+settings_option = click.option(
+    "--settings",
+    "settings_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Settings file (TOML).",
+)
+
+
+def _auth(settings: Settings) -> AppAuth:
+    pem = settings.private_key_pem()
+    assert settings.app_id is not None and pem is not None  # require_github() checked both
+    return AppAuth(settings.app_id, pem, settings.api_url)
+
+
+def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
+    app = open_app(settings_path, need_engine=True)
+    settings = app.settings
+    service: GitHubService | None = None
+    if settings.app_id is not None:
+        try:
+            settings.require_github(webhooks=False)
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from exc
+        service = GitHubService(settings, app.store, _auth(settings))
+
+    def context_for(run: Run) -> RunContext:
+        pipeline = app.store.get_pipeline(run.pipeline_id)
+        if pipeline.kind == PipelineKind.LOCAL or service is None:
+            return RunContext(remote=Remote(pipeline.repo))
+        return service.context_for(run)
+
+    def observer_for(run: Run) -> Any:
+        pipeline = app.store.get_pipeline(run.pipeline_id)
+        if pipeline.kind == PipelineKind.LOCAL or service is None:
+            return None
+        return service.observer_for(run)
+
+    pool = WorkerPool(app.engine(), app.store, context_for, observer_for, size=settings.workers)
+    threads = [threading.Thread(target=pool.run_forever, name="trimo-runs", daemon=True)]
+    if service is not None:
+        threads.append(
+            threading.Thread(
+                target=_deliveries, args=(service, stop), name="trimo-deliveries", daemon=True
+            )
+        )
+    for t in threads:
+        t.start()
+    click.echo(
+        f"trimo worker: {settings.workers} run slot(s), data in {settings.data_dir}", err=True
+    )
+    stop.wait()
+    pool.stop(wait=False)
+
+
+def _deliveries(service: GitHubService, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            if service.process_pending() == 0:
+                stop.wait(DELIVERY_POLL_SECONDS)
+        except Exception:
+            log.exception("processing deliveries failed; retrying")
+            stop.wait(5)
+
+
+@click.command("worker")
+@settings_option
+def worker(settings_path: Path | None) -> None:
+    """Run workers only: claim queued runs and webhook deliveries from the store."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_worker(settings_path, stop)
+
+
+@click.command("serve")
+@settings_option
+@click.option("--http-workers", default=2, show_default=True, help="Processes answering webhooks.")
+def serve(settings_path: Path | None, http_workers: int) -> None:
+    """The GitHub App: webhook receiver on gunicorn, and the workers, in one command."""
+    from webhooks.app import create_app
+    from webhooks.server import serve as serve_http
+
+    try:
+        settings = Settings.load(settings_path)
+        settings.require_github()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    store = Store(settings.database_url)
+    app = create_app(settings, store)
+    env = dict(os.environ)
+    if settings_path is not None:
+        env["TRIMO_SETTINGS_FILE"] = str(settings_path)
+    child: list[subprocess.Popen[bytes]] = []
+
+    def on_starting(_server: Any) -> None:
+        child.append(subprocess.Popen([sys.executable, "-m", "bot", "worker"], env=env))
+
+    def on_exit(_server: Any) -> None:
+        for proc in child:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    click.echo(
+        f"trimo serve: webhooks on http://{settings.host}:{settings.port}/webhooks/github", err=True
+    )
+    serve_http(
+        app,
+        settings.host,
+        settings.port,
+        workers=http_workers,
+        on_starting=on_starting,
+        on_exit=on_exit,
+    )
