@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LABEL_HASH = "trimo.context-hash"
 LABEL_CONTEXT = "trimo.context-name"
+HASH_REPO = "trimo-ctx"
 BASE_IMAGE = "trimo/base:bookworm"
 DEBIAN_IMAGE = "debian:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -100,10 +101,21 @@ def context_hash(
     return h.hexdigest()
 
 
+def hash_tag(digest: str) -> str:
+    """The tag that marks the image built from exactly this context.
+
+    Labels are inherited by every image built FROM this one, so a label alone cannot say which
+    image a context produced; a tag is never inherited.
+    """
+    return f"{HASH_REPO}:{digest}"
+
+
 def find_by_hash(client: docker.DockerClient, digest: str) -> str | None:
-    """The id of a local image carrying this context hash, if any."""
-    found = client.api.images(filters={"label": f"{LABEL_HASH}={digest}"})
-    return str(found[0]["Id"]) if found else None
+    """The id of the local image built from this context hash, if any."""
+    try:
+        return str(client.images.get(hash_tag(digest)).id)
+    except docker.errors.ImageNotFound:
+        return None
 
 
 def default_tag(context: Path, digest: str, name: str | None = None) -> str:
@@ -157,6 +169,7 @@ def build_image(
     if image_id is None:
         raise ImageBuildError(f"building {tag} failed", list(tail))
     full_id = str(client.images.get(tag).id)
+    client.api.tag(full_id, HASH_REPO, digest)
     say(f"built {tag} in {time.monotonic() - started:.1f}s")
     return BuildResult(tag, full_id, digest, True, time.monotonic() - started)
 
@@ -205,7 +218,8 @@ def list_images(client: docker.DockerClient) -> list[dict[str, object]]:
         rows.append(
             {
                 "id": str(img["Id"]).removeprefix("sha256:")[:12],
-                "tags": [t for t in img.get("RepoTags") or [] if t != "<none>:<none>"],
+                "tags": [t for t in img.get("RepoTags") or []
+                         if t != "<none>:<none>" and not t.startswith(HASH_REPO + ":")],
                 "context_hash": labels.get(LABEL_HASH, "")[:12],
                 "size": int(img.get("Size", 0)),
                 "created": int(img.get("Created", 0)),

@@ -36,7 +36,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
     for img in client.images.list():
         if img.id in before or any(t in KEEP_IMAGES for t in img.tags):
             continue
-        if any(t.startswith(("trimo/", "trimo-test/")) for t in img.tags):
+        if any(t.startswith(("trimo/", "trimo-test/", "trimo-ctx:")) for t in img.tags):
             with contextlib.suppress(docker.errors.APIError):
                 client.images.remove(img.id, force=True)
     # Whatever a test left behind under the test owner label goes now.
