@@ -189,15 +189,18 @@ class Engine:
         # or a pull request's head: a PR cannot change what runs with the run's secrets.
         raw = self.workspace.read_file(checkout, checkout.default_head, CONFIG_FILE)
         config = parse_repo_config(raw.decode("utf-8", "replace")) if raw else RepoConfig()
-        image = self._image(run, checkout, config, masker)
+        image = self._image(run, checkout, config, masker, obs)
         self.store.update_run(run.id, image_tag=image)
         return checkout, config, image
 
-    def _image(self, run: Run, checkout: Checkout, config: RepoConfig, masker: Masker) -> str:
-        lines: list[str] = []
-
+    def _image(
+        self, run: Run, checkout: Checkout, config: RepoConfig, masker: Masker, obs: Observer
+    ) -> str:
         def progress(line: str) -> None:
-            lines.append(line)
+            # A build can take minutes: its steps are shown as they happen.
+            masked = [masker.mask(line)]
+            self.store.add_logs(run.id, masked)
+            obs.logs(run, masked)
 
         base = images.ensure_base(self.docker, progress)
         with tempfile.TemporaryDirectory(prefix="trimo-ctx-") as tmp:
@@ -213,17 +216,13 @@ class Engine:
                 )
                 return base.tag
             started = time.monotonic()
-            try:
-                result = images.build_image(
-                    self.docker,
-                    dest,
-                    dockerfile=config.image.dockerfile,
-                    name=_project_name(checkout),
-                    progress=progress,
-                )
-            finally:
-                if lines:
-                    self.store.add_logs(run.id, [masker.mask(x) for x in lines])
+            result = images.build_image(
+                self.docker,
+                dest,
+                dockerfile=config.image.dockerfile,
+                name=_project_name(checkout),
+                progress=progress,
+            )
             what = "built" if result.built else "reused"
             self.store.add_event(
                 run.id,
