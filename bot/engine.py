@@ -258,6 +258,7 @@ class Engine:
             pids=config.resources.pids,
             network=config.network,
             name=f"trimo-run-{run.id}-{int(time.time())}",
+            store=self.store.key,
         )
         cid = self.runtime.create(spec)
         self.store.update_run(run.id, container_id=cid)

@@ -27,6 +27,9 @@ LABEL_MANAGED = "trimo.managed"
 LABEL_RUN = "trimo.run"
 LABEL_PIPELINE = "trimo.pipeline"
 LABEL_OWNER = "trimo.owner"
+# Which store (deployment) a container belongs to: run ids are only unique within one store, and
+# several Trimo instances may share an engine. The reaper touches its own store's containers only.
+LABEL_STORE = "trimo.store"
 
 # Bound what one tar member read from a container may weigh: reports and bundles, not disks.
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
@@ -46,6 +49,7 @@ class ContainerSpec:
     pids: int | None = None
     network: str = "bridge"
     name: str | None = None
+    store: str = ""
     extra_labels: Mapping[str, str] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
@@ -54,6 +58,7 @@ class ContainerSpec:
             LABEL_RUN: str(self.run_id),
             LABEL_PIPELINE: str(self.pipeline_id),
             LABEL_OWNER: self.owner,
+            LABEL_STORE: self.store,
             **self.extra_labels,
         }
 
@@ -80,7 +85,7 @@ class Runtime(Protocol):
     def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]: ...
     def remove(self, container_id: str) -> None: ...
     def exists(self, container_id: str) -> bool: ...
-    def leftovers(self) -> list[Leftover]: ...
+    def leftovers(self, store: str) -> list[Leftover]: ...
 
 
 def files_tar(files: Mapping[str, bytes | str], uid: int = 0, mode: int = 0o644) -> bytes:
@@ -207,9 +212,11 @@ class DockerRuntime:
             return False
         return True
 
-    def leftovers(self) -> list[Leftover]:
+    def leftovers(self, store: str) -> list[Leftover]:
+        """Trimo's containers that belong to `store` (see LABEL_STORE)."""
         found = []
-        for c in self.client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"}):
+        labels_filter = [f"{LABEL_MANAGED}=1", f"{LABEL_STORE}={store}"]
+        for c in self.client.api.containers(all=True, filters={"label": labels_filter}):
             labels = c.get("Labels") or {}
             run = labels.get(LABEL_RUN, "")
             found.append(
@@ -222,10 +229,10 @@ class DockerRuntime:
             )
         return found
 
-    def reap(self, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
-        """Remove every Trimo container whose run `is_dead` says is over; returns them."""
+    def reap(self, store: str, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
+        """Remove every container of `store` whose run `is_dead` says is over; returns them."""
         removed = []
-        for leftover in self.leftovers():
+        for leftover in self.leftovers(store):
             if is_dead(leftover):
                 self.remove(leftover.container_id)
                 removed.append(leftover)

@@ -8,8 +8,12 @@ short session and returns frozen snapshots, so callers never hold a session or a
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +55,7 @@ DELIVERY_RETAKE_AFTER = timedelta(minutes=10)
 NO_SUCH_RUN = "no run with id {run_id}"
 NO_SUCH_PIPELINE = "no pipeline with id {pipeline_id}"
 UNKNOWN_FIELDS = "{table} has no field(s) {names}; known fields: {known}"
+BATCH_FAILED = "delivery {delivery_id} was not recorded: committing its batch failed"
 
 
 def utcnow() -> datetime:
@@ -319,6 +324,14 @@ class Store:
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         self._insert = sqlite.insert if self.dialect_name == "sqlite" else postgresql.insert
         self.migrate()
+
+    @property
+    def key(self) -> str:
+        """A short name for this database, the same in every process that opens it."""
+        import hashlib
+
+        rendered = make_url(self.url).render_as_string(hide_password=True)
+        return hashlib.sha256(rendered.encode()).hexdigest()[:16]
 
     @staticmethod
     def sqlite_url(data_dir: Path) -> str:
@@ -665,25 +678,33 @@ class Store:
     ) -> bool:
         """Store a delivery and what it asks for; False when this delivery id was seen before.
 
-        Runs inside the webhook request, so it is one INSERT and one commit. A delivery with no
+        Runs inside the webhook request, so it is one prepared INSERT ... ON CONFLICT DO NOTHING
+        on a raw connection of this thread, committed before it returns. A delivery with no
         intents is kept for deduplication but is already processed.
         """
+        writer = self.__dict__.get("_delivery_writer")
+        if writer is None:
+            with _DELIVERY_WRITER_LOCK:
+                writer = self.__dict__.get("_delivery_writer")
+                if writer is None:
+                    writer = self._delivery_writer = _DeliveryWriter(self.engine)
         now = utcnow()
-        stmt = (
-            self._insert(DeliveryRecord)
-            .values(
-                delivery_id=delivery_id,
-                event=event,
-                action=action,
-                intents=intents,
-                received_at=now,
-                processed_at=now if intents.strip() == "[]" else None,
-            )
-            .on_conflict_do_nothing(index_elements=["delivery_id"])
-            .returning(DeliveryRecord.id)
+        return writer.record(
+            delivery_id, event, action, intents, now, now if intents.strip() == "[]" else None
         )
-        with self._write_engine.begin() as conn:
-            return conn.execute(stmt).scalar() is not None
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connections (never use or close them)."""
+        writer = self.__dict__.get("_delivery_writer")
+        if writer is not None:
+            writer.forget()
+        # close=False: the parent still owns those connections; only forget them here.
+        self.engine.dispose(close=False)
+
+    def ping(self) -> None:
+        """Raise when the database does not answer a trivial query."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
 
     def claim_delivery(self) -> Delivery | None:
         """The oldest delivery not yet processed, marked taken so no one else gets it."""
@@ -848,6 +869,185 @@ class Store:
         with self._read() as s:
             row = s.get(PostedRecord, (run_id, kind))
             return row.github_id if row else None
+
+
+_DELIVERY_WRITER_LOCK = threading.Lock()
+_RECORD_DELIVERY = (
+    "INSERT INTO deliveries (delivery_id, event, action, intents, received_at, processed_at) "
+    "VALUES ({p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (delivery_id) DO NOTHING"
+)
+# How SQLAlchemy's DateTime keeps a value in SQLite (UTCDateTime drops the zone there).
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+class _PendingDelivery:
+    """One `record_delivery` call waiting for the commit of its batch."""
+
+    __slots__ = ("done", "error", "fresh", "params", "wake")
+
+    def __init__(self, params: tuple[Any, ...]) -> None:
+        self.params = params
+        self.done = False
+        self.fresh = False
+        self.error: BaseException | None = None
+        # Held from the start: the waiting thread blocks on it until a leader releases it.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
+class _DeliveryWriter:
+    """`Store.record_delivery`'s writes: one raw DBAPI connection per process, group commit.
+
+    SQLAlchemy's statement building and session cost ten times the INSERT itself, and this runs
+    once per webhook request; so the INSERT is a fixed, prepared statement on a raw connection
+    (the driver's statement cache on SQLite, a server-side prepared statement on PostgreSQL).
+
+    Concurrent callers share commits: the first caller becomes the leader, takes every
+    delivery waiting at that moment, INSERTs them in one transaction and commits; the others
+    wait until the commit of the batch holding theirs, then return. So a caller returns only
+    once its row is committed, and one commit (one WAL append, or one PostgreSQL flush) serves
+    many requests. A lone caller commits alone, with no hand-off to another thread.
+
+    The connection belongs to the process that opened it: a forked child forgets the inherited
+    one (SQLite connections must not cross fork) and opens its own. It closes with the engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.sql = _RECORD_DELIVERY.format(p="?" if self.sqlite else "%s")
+        self.connect_args = engine.dialect.create_connect_args(engine.url)
+        self.forget()
+        _DELIVERY_WRITERS.add(self)
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    def forget(self) -> None:
+        """Start afresh without touching the connection (after fork it is the parent's)."""
+        self.mutex = threading.Lock()
+        self.pending: list[_PendingDelivery] = []
+        self.leading = False
+        self.conn: Any = None
+
+    def close(self) -> None:
+        with self.mutex:
+            conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def record(
+        self,
+        delivery_id: str,
+        event: str,
+        action: str | None,
+        intents: str,
+        received_at: datetime,
+        processed_at: datetime | None,
+    ) -> bool:
+        if self.sqlite:
+            stamps: tuple[Any, Any] = (
+                received_at.strftime(_SQLITE_DATETIME),
+                processed_at and processed_at.strftime(_SQLITE_DATETIME),
+            )
+        else:
+            stamps = (received_at, processed_at)
+        mine = _PendingDelivery((delivery_id, event, action, intents, *stamps))
+        with self.mutex:
+            self.pending.append(mine)
+            lead = not self.leading
+            self.leading = True
+        if not lead:
+            # Woken when a leader has committed our batch, or when we are the next leader.
+            mine.wake.acquire()
+        if not mine.done:
+            self._lead()
+            if mine.error is not None:
+                raise mine.error
+        elif mine.error is not None:
+            raise TrimoError(BATCH_FAILED.format(delivery_id=delivery_id)) from mine.error
+        return mine.fresh
+
+    def _lead(self) -> None:
+        with self.mutex:
+            batch, self.pending = self.pending, []
+        try:
+            self._write(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+            # Even on KeyboardInterrupt the batch's callers must be woken, or they wait forever.
+            for entry in batch:
+                entry.error = exc
+        with self.mutex:
+            following = self.pending[0] if self.pending else None
+            self.leading = following is not None
+        for entry in batch:
+            entry.done = True
+            entry.wake.release()
+        if following is not None:
+            # Leadership passes on: that caller commits whatever has gathered meanwhile.
+            following.wake.release()
+
+    def _write(self, batch: list[_PendingDelivery]) -> None:
+        conn = self.conn or self._connect()
+        try:
+            if len(batch) == 1:  # autocommit: the INSERT is its own transaction
+                batch[0].fresh = self._insert(conn, batch[0].params)
+            elif self.sqlite:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for entry in batch:
+                        entry.fresh = self._insert(conn, entry.params)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            else:
+                with conn.transaction():
+                    for entry in batch:
+                        entry.fresh = self._insert(conn, entry.params)
+        except BaseException:
+            for entry in batch:
+                entry.fresh = False
+            if not self.sqlite:
+                # A broken PostgreSQL connection is replaced on the next call.
+                self._drop(conn)
+            raise
+
+    def _insert(self, conn: Any, params: tuple[Any, ...]) -> bool:
+        if self.sqlite:
+            return bool(conn.execute(self.sql, params).rowcount == 1)
+        return bool(conn.execute(self.sql, params, prepare=True).rowcount == 1)
+
+    def _connect(self) -> Any:
+        cargs, cparams = self.connect_args
+        if self.sqlite:
+            conn = sqlite3.connect(
+                str(cargs[0]), isolation_level=None, check_same_thread=False, cached_statements=16
+            )
+            conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        else:
+            conn = self.engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
+            conn.autocommit = True
+        self.conn = conn
+        return conn
+
+    def _drop(self, conn: Any) -> None:
+        self.conn = None
+        # The error that got us here is the one to report, not a failure to close.
+        with suppress(Exception):
+            conn.close()
+
+
+_DELIVERY_WRITERS: weakref.WeakSet[_DeliveryWriter] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    for writer in list(_DELIVERY_WRITERS):
+        writer.forget()
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bot.engine import Engine, Observer, RunContext
+from bot.errors import NoSuchRunError
 from bot.runtime import DockerRuntime, Leftover
 from bot.states import ACTIVE, RunMode, RunState
 from bot.store import Pipeline, Run, Store
@@ -88,10 +89,10 @@ def reap(store: Store, runtime: DockerRuntime | None) -> list[str]:
             return False
         try:
             return store.get_run(leftover.run_id).state.finished
-        except Exception:  # noqa: BLE001 - a container of an unknown run is a leftover
-            return owner_alive(leftover.owner) is not True
+        except NoSuchRunError:
+            return False  # not ours to judge: only a provably dead owner (above) frees it
 
-    for leftover in runtime.reap(is_dead):
+    for leftover in runtime.reap(store.key, is_dead):
         said.append(f"removed container {leftover.container_id[:12]} of run {leftover.run_id}")
     return said
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import uuid
@@ -13,7 +14,8 @@ from typing import Any
 from bot.protocol import IN_DIR, OUT_DIR, WORKSPACE, Event, parse_line
 from bot.runtime import ContainerSpec, DockerRuntime, files_tar
 
-TEST_OWNER = "pytest"
+# Per session: sessions running side by side never clean up each other's containers.
+TEST_OWNER = f"pytest-{os.getpid()}"
 
 
 @dataclass
