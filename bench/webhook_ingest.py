@@ -1,4 +1,4 @@
-"""Webhook ingest benchmark: Trimo's receiver (gunicorn + SQLite store) against a Probot 14 peer.
+"""Webhook ingest benchmark: Trimo's receiver (Granian + SQLite store) against a Probot 14 peer.
 
 Both servers get the same signed ~11 KB `issues.labeled` deliveries from the shared closed-loop
 load generator (loopback only, bounded), alternately, several rounds; the table shows medians.
@@ -22,7 +22,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +36,39 @@ TRIGGER_LABEL = "area/search"
 TRIMO_PATH = "/webhooks/github"
 PROBOT_PATH = "/api/github/webhooks"
 
-RAW_INSERT = (
-    "INSERT INTO deliveries (delivery_id, event, action, intents, received_at, processed_at) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (delivery_id) DO NOTHING"
-)
+SERVERS = ("granian", "gunicorn-sync", "gunicorn-gthread", "gunicorn-gevent")
 
 
-class RawDeliveryStore:
-    """`--store raw`: bot.store.Store's delivery table written with one prepared INSERT.
+def serve_gunicorn(app: Any, port: int, workers: int, threads: int, worker_class: str) -> None:
+    """`--server gunicorn-*`: the same app on gunicorn, as Trimo served it before Granian."""
+    from gunicorn.app.base import BaseApplication
 
-    Not Trimo's store: it shows what `record_delivery` costs without SQLAlchemy's statement
-    building (same table, same WAL + synchronous=NORMAL + busy timeout, one connection per
-    process, opened lazily so nothing crosses gunicorn's fork).
-    """
+    from webhooks.app import receiver_of
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.conn: Any = None
+    options = {
+        "bind": f"127.0.0.1:{port}",
+        "workers": workers,
+        "threads": threads,
+        "worker_class": worker_class,
+        "preload_app": True,
+        "keepalive": 5,
+        "loglevel": "warning",
+        "post_fork": lambda _server, _worker: receiver_of(app).after_fork(),
+    }
 
-    def record_delivery(
-        self, delivery_id: str, event: str, action: str | None, intents: str
-    ) -> bool:
-        import sqlite3
+    class Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
 
-        if self.conn is None:
-            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.conn.execute("PRAGMA busy_timeout = 5000")
-            self.conn.execute("PRAGMA journal_mode = WAL")
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-        done = None if intents != "[]" else now
-        cursor = self.conn.execute(RAW_INSERT, (delivery_id, event, action, intents, now, done))
-        return bool(cursor.rowcount == 1)
+        def load(self) -> Any:
+            return app
+
+    Gunicorn().run()
 
 
-def serve_trimo(data_dir: Path, port: int, workers: int, threads: int, store_kind: str) -> None:
-    """Child process: Trimo's receiver as `trimo serve` runs it."""
+def serve_trimo(data_dir: Path, port: int, workers: int, threads: int, server: str) -> None:
+    """Child process: Trimo's receiver as `trimo serve` runs it (or on a gunicorn variant)."""
     sys.path.insert(0, str(REPO_ROOT))
     from bot.settings import Settings
     from bot.store import Store
@@ -80,11 +76,11 @@ def serve_trimo(data_dir: Path, port: int, workers: int, threads: int, store_kin
     from webhooks.server import serve
 
     settings = Settings(webhook_secrets=[SECRET], trigger_label=TRIGGER_LABEL)
-    store: Any = Store(Store.sqlite_url(data_dir))
-    if store_kind == "raw":
-        store.close()
-        store = RawDeliveryStore(data_dir / "trimo.db")
-    serve(create_app(settings, store), "127.0.0.1", port, workers=workers, threads=threads)
+    app = create_app(settings, Store(Store.sqlite_url(data_dir)))
+    if server == "granian":
+        serve(app, "127.0.0.1", port, workers=workers, threads=threads)
+    else:
+        serve_gunicorn(app, port, workers, threads, server.removeprefix("gunicorn-"))
 
 
 def free_port() -> int:
@@ -106,7 +102,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 60) -> 
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and its children (gunicorn's workers), for CPU accounting."""
+    """`pid` and its children (the server's workers), for CPU accounting."""
     pids = [pid]
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -191,21 +187,22 @@ def main() -> None:
     ap.add_argument("-n", "--requests", type=int, default=4000, help="deliveries per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians shown)")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--workers", type=int, default=2, help="gunicorn workers for Trimo")
-    ap.add_argument("--threads", type=int, default=1, help="threads per worker (1: sync worker)")
+    # webhooks.server.DEFAULT_WORKERS
+    ap.add_argument("--workers", type=int, default=1, help="server processes for Trimo")
+    ap.add_argument("--threads", type=int, default=1, help="Python threads per process")
     ap.add_argument(
-        "--store",
-        choices=["store", "raw"],
-        default="store",
-        help="store: bot.store.Store (Trimo as shipped); raw: one prepared INSERT (see README)",
+        "--server",
+        choices=SERVERS,
+        default="granian",
+        help="granian: webhooks/server.py (Trimo as shipped); gunicorn-*: for comparison",
     )
     ap.add_argument("--probot-mode", choices=["run", "mw"], default="run")
     ap.add_argument("--no-probot", action="store_true")
     ap.add_argument("--serve-trimo", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_trimo:
-        d, port, workers, threads, kind = args.serve_trimo
-        serve_trimo(Path(d), int(port), int(workers), int(threads), kind)
+        d, port, workers, threads, server = args.serve_trimo
+        serve_trimo(Path(d), int(port), int(workers), int(threads), server)
         return
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -214,7 +211,7 @@ def main() -> None:
         probot = None if args.no_probot else prepare_probot(workdir)
         t_port, p_port = free_port(), free_port()
         trimo_cmd = [sys.executable, __file__, "--serve-trimo", str(workdir / "data"), str(t_port)]
-        trimo_cmd += [str(args.workers), str(args.threads), args.store]
+        trimo_cmd += [str(args.workers), str(args.threads), args.server]
         with started(trimo_cmd, t_port, workdir / "trimo.log", cwd=REPO_ROOT) as trimo:
             servers = [("trimo", f"http://127.0.0.1:{t_port}{TRIMO_PATH}", trimo)]
             probot_ctx = None
@@ -269,7 +266,7 @@ def report(
 ) -> None:
     print(
         f"\nwebhook ingest, {args.requests} deliveries x {args.rounds} rounds per cell (medians); "
-        f"Trimo: gunicorn {args.workers} workers x {args.threads} threads, store={args.store}; "
+        f"Trimo: {args.server}, {args.workers} workers x {args.threads} threads; "
         f"Probot 14 mode={args.probot_mode}"
     )
     head = f"{'c':>3} | {'server':<7} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | "
@@ -289,7 +286,7 @@ def report(
     cmd = [
         "/work/venv/bin/python bench/webhook_ingest.py",
         f"-n {args.requests} --rounds {args.rounds} --concurrency {args.concurrency}",
-        f"--workers {args.workers} --threads {args.threads} --store {args.store}",
+        f"--workers {args.workers} --threads {args.threads} --server {args.server}",
         f"--probot-mode {args.probot_mode}" + (" --no-probot" if args.no_probot else ""),
     ]
     print("reproduce: " + " ".join(cmd))

@@ -7,10 +7,7 @@ import logging
 import os
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -393,58 +390,3 @@ def test_garbage_never_causes_a_server_error(serve: Any) -> None:
         reply = receiver.post(event or "push", body, headers=headers)
         assert reply.status_code < 500, (reply.status_code, reply.text)
     assert receiver.healthy()
-
-
-# --- production server -------------------------------------------------------------------------
-
-SERVE_SCRIPT = """
-import sys
-from bot.settings import Settings
-from bot.store import Store
-from webhooks.app import create_app
-from webhooks.server import serve
-
-settings = Settings(webhook_secrets=[sys.argv[3]], trigger_label="bug")
-store = Store(Store.sqlite_url(__import__("pathlib").Path(sys.argv[1])))
-serve(create_app(settings, store), "127.0.0.1", int(sys.argv[2]), workers=2, threads=1)
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
-def test_gunicorn_workers_share_the_store_safely(tmp_path: Path, store: Any) -> None:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT, str(tmp_path), str(port), SECRET],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        receiver = Receiver(f"http://127.0.0.1:{port}", store)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if receiver.healthy():
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.1)
-        body = read("issues.labeled.json")
-        ids = [f"g-{i % 40}" for i in range(120)]  # every delivery sent three times
-        with ThreadPoolExecutor(16) as pool:
-            codes = list(
-                pool.map(lambda d: receiver.post("issues", body, delivery=d).status_code, ids)
-            )
-        assert codes.count(202) == 40 and codes.count(200) == 80
-        assert sorted(recorded(store)) == sorted({*ids})
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert b"Traceback" not in out, out.decode(errors="replace")

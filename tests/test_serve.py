@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_im
                TRIMO_PORT=str(port))
     proc = subprocess.Popen([sys.executable, "-m", "bot", "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    worker_up = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("trimo worker"):
+                worker_up.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -85,12 +98,13 @@ def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_im
         assert requests.post(f"{url}/webhooks/github", data=body, headers=headers,
                              timeout=5).status_code == 401
         assert json.loads(requests.get(f"{url}/healthz", timeout=5).text)["status"] == "ok"
-        assert len(_processes_with(f"TRIMO_PORT={port}")) >= 3  # master, http worker(s), worker
+        assert worker_up.wait(60), "".join(lines)  # the worker runs beside the receiver
+        assert len(_processes_with(f"TRIMO_PORT={port}")) >= 3  # server, http worker, worker
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert "trimo worker" in out  # the worker ran beside the receiver
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)
     # Nothing of the two processes is left behind: no process runs with this server's settings.
     assert _processes_with(f"TRIMO_PORT={port}") == []
 

@@ -23,6 +23,7 @@ from bot.states import PipelineKind
 from bot.store import Run, Store
 from bot.worker import WorkerPool
 from bot.workspace import Remote
+from webhooks.server import DEFAULT_WORKERS
 
 log = logging.getLogger(__name__)
 DELIVERY_POLL_SECONDS = 0.5
@@ -103,9 +104,10 @@ def worker(settings_path: Path | None) -> None:
 
 @click.command("serve")
 @settings_option
-@click.option("--http-workers", default=2, show_default=True, help="Processes answering webhooks.")
+@click.option("--http-workers", default=DEFAULT_WORKERS, show_default=True,
+              help="Processes answering webhooks (one is fastest on a small machine).")
 def serve(settings_path: Path | None, http_workers: int) -> None:
-    """The GitHub App: webhook receiver on gunicorn, and the workers, in one command."""
+    """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
     from webhooks.app import create_app
     from webhooks.server import serve as serve_http
 
