@@ -331,8 +331,17 @@ def test_sample_agent_fixes_a_postgres_backed_test(
     assert kinds["branch"] is not None and kinds["branch"]["new"] is False  # builds on run 1
 
 
+@pytest.fixture
+def healthy_sample_repo(tmp_path: Path) -> Path:
+    from bot.sample import make_sample_repo
+
+    return make_sample_repo(tmp_path / "sample-repo", with_bug=False)
+
+
 @pytest.mark.slow
-def test_five_runs_at_once_each_with_its_own_postgres(trimo: Trimo, sample_repo: Path) -> None:
+def test_five_runs_at_once_each_with_its_own_postgres(trimo: Trimo,
+                                                      healthy_sample_repo: Path) -> None:
+    sample_repo = healthy_sample_repo
     agent = (
         "psql \"$DATABASE_URL\" -qAt -c \"CREATE TABLE IF NOT EXISTS mark(v text); "
         "INSERT INTO mark VALUES ('$TRIMO_RUN_ID')\" && "
