@@ -9,21 +9,26 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from bot.cli.common import open_app
 from bot.engine import RunContext
 from bot.errors import SettingsError
-from bot.github.auth import AppAuth
-from bot.github.service import GitHubService
 from bot.settings import Settings
 from bot.states import PipelineKind
 from bot.store import Run, Store
-from bot.worker import WorkerPool
 from bot.workspace import Remote
-from webhooks.server import DEFAULT_WORKERS
+
+if TYPE_CHECKING:
+    from bot.github.auth import AppAuth
+    from bot.github.service import GitHubService
+
+# The GitHub and HTTP stacks are imported by the commands that use them, so that every other
+# `trimo` command starts without them. One HTTP process is the fastest on a small machine
+# (bench/README.md); webhooks.server.DEFAULT_WORKERS says the same.
+DEFAULT_HTTP_WORKERS = 1
 
 log = logging.getLogger(__name__)
 DELIVERY_POLL_SECONDS = 0.5
@@ -37,12 +42,17 @@ settings_option = click.option(
 
 
 def _auth(settings: Settings) -> AppAuth:
+    from bot.github.auth import AppAuth
+
     pem = settings.private_key_pem()
     assert settings.app_id is not None and pem is not None  # require_github() checked both
     return AppAuth(settings.app_id, pem, settings.api_url)
 
 
 def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
+    from bot.github.service import GitHubService
+    from bot.worker import WorkerPool
+
     app = open_app(settings_path, need_engine=True)
     settings = app.settings
     service: GitHubService | None = None
@@ -104,7 +114,7 @@ def worker(settings_path: Path | None) -> None:
 
 @click.command("serve")
 @settings_option
-@click.option("--http-workers", default=DEFAULT_WORKERS, show_default=True,
+@click.option("--http-workers", default=DEFAULT_HTTP_WORKERS, show_default=True,
               help="Processes answering webhooks (one is fastest on a small machine).")
 def serve(settings_path: Path | None, http_workers: int) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
