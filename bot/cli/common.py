@@ -16,6 +16,13 @@ from bot.store import Store
 from bot.worker import reap, worker_id
 from bot.workspace import Workspace
 
+settings_option = click.option(
+    "--settings",
+    "settings_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Settings file (TOML); TRIMO_* environment variables override it.",
+)
 NO_ENGINE = "no Docker engine answers ({detail}); start dockerd or set DOCKER_HOST"
 
 

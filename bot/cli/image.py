@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -40,19 +42,26 @@ def image() -> None:
 def build(path: Path, tag: str | None, dockerfile: str, no_cache: bool) -> None:
     """Build the image in PATH (a build context), unless one of the same content exists."""
     client = _client()
-    try:
+    with _build_errors():
         if _builds_from_base(path / dockerfile):
             ensure_base(client, _progress)
         result = build_image(
             client, path, tag=tag, dockerfile=dockerfile, progress=_progress, nocache=no_cache
         )
+    click.echo(result.tag)
+
+
+@contextmanager
+def _build_errors() -> Iterator[None]:
+    """A failed build shows its last lines, then one error line; nothing else is said."""
+    try:
+        yield
     except ImageBuildError as exc:
         for line in exc.tail:
             click.echo(f"  | {line}", err=True)
         raise click.ClickException(str(exc)) from exc
     except TrimoError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(result.tag)
 
 
 def _builds_from_base(dockerfile: Path) -> bool:
@@ -88,13 +97,7 @@ def _age(seconds: float) -> str:
 def bootstrap(no_pull: bool) -> None:
     """Make debian:bookworm (from Debian's archive if no registry answers), then trimo/base."""
     client = _client()
-    try:
+    with _build_errors():
         bootstrap_debian(client, _progress, try_pull=not no_pull)
         result = ensure_base(client, _progress)
-    except ImageBuildError as exc:
-        for line in exc.tail:
-            click.echo(f"  | {line}", err=True)
-        raise click.ClickException(str(exc)) from exc
-    except TrimoError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(result.tag)

@@ -9,20 +9,13 @@ from pathlib import Path
 
 import click
 
-from bot.cli.common import open_app
+from bot.cli.common import open_app, settings_option
 from bot.errors import NoSuchRunError
 from bot.states import RunState
 from bot.store import Run, Store
 
 FOLLOW_POLL_SECONDS = 0.5
 CANCELLED_BY_CLI = "cancelled with `trimo runs cancel`"
-settings_option = click.option(
-    "--settings",
-    "settings_path",
-    default=None,
-    type=click.Path(path_type=Path),
-    help="Settings file (TOML).",
-)
 
 
 def _duration(run: Run) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bot.cli.common import open_app
+from bot.cli.common import open_app, settings_option
 from bot.engine import RunContext
 from bot.errors import SettingsError
 from bot.settings import Settings
@@ -32,13 +32,6 @@ DEFAULT_HTTP_WORKERS = 1
 
 log = logging.getLogger(__name__)
 DELIVERY_POLL_SECONDS = 0.5
-settings_option = click.option(
-    "--settings",
-    "settings_path",
-    default=None,
-    type=click.Path(path_type=Path),
-    help="Settings file (TOML).",
-)
 
 
 def _auth(settings: Settings) -> AppAuth:
