@@ -57,6 +57,7 @@ MISSING_SECRET = (
 PREBOOT_FAILED = "preboot failed (exit {code}); the agent did not start"
 AGENT_FAILED = "the agent exited with {code}"
 TESTS_FAILED = "tests failed"
+CANCELLED = "cancelled"
 TIMED_OUT = "timed out after {seconds}s; the work so far was committed and pushed"
 RUNNER_ERROR = "the runner could not start the run: {detail}"
 CONTAINER_DIED = "the container ended without a result (exit {code}, {oom})"
@@ -84,6 +85,8 @@ class RunContext:
     remote: Remote
     extra_secrets: dict[str, str] = field(default_factory=dict)  # e.g. masked tokens
     default_branch: str | None = None
+    # Where a new pipeline branch starts instead of the default branch (a fork PR's head ref).
+    start_ref: str | None = None
 
 
 @dataclass
@@ -158,8 +161,11 @@ class Engine:
         if outcome.tail:
             fields["error"] = masker.mask("\n".join(outcome.tail))
         current = self.store.get_run(run.id)
-        if current.superseded_by and outcome.state == RunState.CANCELLED:
-            reason = f"superseded by run {current.superseded_by}"
+        if outcome.state == RunState.CANCELLED:
+            if current.superseded_by:
+                reason = f"superseded by run {current.superseded_by}"
+            elif current.cancel_reason:
+                reason = masker.mask(current.cancel_reason)
         final = self.store.set_state(run.id, outcome.state, reason=reason, **fields)
         obs.state(final)
         return final
@@ -170,7 +176,9 @@ class Engine:
         self, run: Run, ctx: RunContext, masker: Masker, obs: Observer
     ) -> tuple[Checkout, RepoConfig, str]:
         pipeline = self.store.get_pipeline(run.pipeline_id)
-        checkout = self.workspace.prepare(ctx.remote, pipeline.branch, ctx.default_branch)
+        checkout = self.workspace.prepare(
+            ctx.remote, pipeline.branch, ctx.default_branch, start_ref=ctx.start_ref
+        )
         self.store.add_event(
             run.id,
             "mirror",
@@ -424,7 +432,7 @@ def _outcome(
         state = stop_reason[0]
         if state == RunState.TIMED_OUT:
             return _Outcome(state, TIMED_OUT.format(seconds=timeout))
-        return _Outcome(state, "cancelled")
+        return _Outcome(state, CANCELLED)
     if code == ExitCode.SUCCESS:
         return _Outcome(RunState.SUCCEEDED)
     if code == ExitCode.TESTS_FAILED:

@@ -6,6 +6,7 @@ plain checkout with no remote and no credentials, and hands its commits back as 
 
     ws = Workspace(data_dir)
     co = ws.prepare(Remote(url, token), branch="trimo/12-fix-login")   # -> Checkout
+    co = ws.prepare(remote, "trimo/pr-7-x", start_ref="refs/pull/7/head")  # a fork PR's head
     log(co.sync.describe())                       # "mirror: cloned" / "mirror: fetched 3 refs"
     with ws.checkout_tar(co) as tar:              # uid/gid 1000 tar for put_archive("/workspace")
         container.put_archive("/workspace", tar)
@@ -59,6 +60,8 @@ NO_DEFAULT_BRANCH = (
     "Push a first commit or pass default_branch"
 )
 DEFAULT_BRANCH_MISSING = "the default branch {branch!r} does not exist on {url}"
+BAD_START_REF = "{ref!r} is not a valid git ref to start from (expected e.g. refs/pull/7/head)"
+START_REF_MISSING = "{ref} does not exist on {url} (was the pull request's head branch deleted?)"
 BAD_BRANCH_NAME = "{branch!r} is not a valid git branch name"
 BUNDLE_NO_HEAD = (
     "the bundle {path} holds no usable head (refs: {refs}); the runner's handback failed"
@@ -147,11 +150,20 @@ class Workspace:
         name = _SAFE_NAME.sub("-", "-".join(parts)).removesuffix(".git").strip(".-") or "repo"
         return self.mirrors_dir / f"{name[:60]}-{digest}.git"
 
-    def prepare(self, remote: Remote, branch: str, default_branch: str | None = None) -> Checkout:
+    def prepare(
+        self,
+        remote: Remote,
+        branch: str,
+        default_branch: str | None = None,
+        start_ref: str | None = None,
+    ) -> Checkout:
         """Bring the mirror up to date and find the base of `branch`.
 
         When the branch exists on the remote the run builds on its tip; otherwise it starts from
-        the default branch's tip and the branch is created on the remote by `publish`.
+        `start_ref` (a ref of the remote such as a fork pull request's ``refs/pull/7/head``,
+        fetched into the mirror) or, without one, from the default branch's tip; the branch is
+        created on the remote by `publish`. The default branch's head is found either way:
+        configuration and image come from there.
         """
         _refuse_credentials_in_url(remote)
         git = _Git(remote)
@@ -159,6 +171,10 @@ class Workspace:
             ["check-ref-format", f"refs/heads/{branch}"],
             error=BAD_BRANCH_NAME.format(branch=branch),
         )
+        if start_ref is not None:
+            if not start_ref.startswith("refs/"):
+                raise WorkspaceError(BAD_START_REF.format(ref=start_ref))
+            git.run(["check-ref-format", start_ref], error=BAD_START_REF.format(ref=start_ref))
         mirror = self.mirror_path(remote)
         with self._lock(mirror, exclusive=True):
             sync = self._sync_mirror(git, mirror)
@@ -171,11 +187,14 @@ class Workspace:
                 )
             git.run(["symbolic-ref", "HEAD", f"refs/heads/{default_branch}"], cwd=mirror)
             branch_head = git.rev(mirror, f"refs/heads/{branch}")
+            start = default_head
+            if branch_head is None and start_ref is not None:
+                start = self._fetch_start(git, mirror, start_ref)
         return Checkout(
             remote=remote,
             mirror=mirror,
             branch=branch,
-            base=branch_head or default_head,
+            base=branch_head or start,
             new_branch=branch_head is None,
             default_branch=default_branch,
             default_head=default_head,
@@ -209,6 +228,23 @@ class Workspace:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return MirrorSync(cloned=True, refs_updated=len(git.refs(mirror)))
+
+    def _fetch_start(self, git: _Git, mirror: Path, start_ref: str) -> str:
+        """Fetch `start_ref` of the remote into the mirror (under refs/trimo/); its commit."""
+        local = "refs/trimo/start/" + start_ref.removeprefix("refs/")
+        git.run(
+            ["fetch", "--quiet", "--no-tags", "origin", f"+{start_ref}:{local}"],
+            cwd=mirror,
+            network=True,
+            check=False,
+        )
+        if git.last_code != 0:
+            if "couldn't find remote ref" in git.last_stderr:
+                raise WorkspaceError(START_REF_MISSING.format(ref=start_ref, url=git.remote.url))
+            git.fail(["fetch", start_ref])
+        head = git.rev(mirror, local)
+        assert head is not None  # the fetch above just wrote it
+        return head
 
     def _remote_default_branch(self, git: _Git) -> str:
         out = git.run(["ls-remote", "--symref", git.remote.url, "HEAD"], network=True)

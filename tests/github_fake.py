@@ -50,6 +50,7 @@ ANNOTATIONS_PER_REQUEST = 50
 
 UNKNOWN_OPERATION = "{method} {path}: not an operation of openapi-subset.json (see its x-subset)"
 SCHEMA_VIOLATION = "{method} {path}: {error}"
+STRAY_REQUEST = "{method} {url}: sent to api.github.com while the fake serves another GitHub"
 
 Json = dict[str, Any]
 Reply = tuple[int, dict[str, str], str]
@@ -205,6 +206,10 @@ class FakeGitHub:
         )
         for method in ("GET", "POST", "PATCH", "PUT", "DELETE"):
             self._mock.add_callback(method, any_url, callback=self._handle)
+            if parts.netloc != urlsplit(SPEC_SERVER).netloc:
+                # Faking a GitHub Enterprise Server: nothing may go to api.github.com.
+                stray = re.compile(re.escape(SPEC_SERVER) + r"(:443)?(/.*)?$")
+                self._mock.add_callback(method, stray, callback=self._stray)
         # Only GitHub is faked: the Docker engine's socket and servers on this machine are real.
         for prefix in ("http+docker://", "http://127.0.0.1", "http://localhost"):
             self._mock.add_passthru(prefix)
@@ -403,6 +408,11 @@ class FakeGitHub:
             if failure is not None:
                 return self._failure_reply(failure)
             return reply
+
+    def _stray(self, req: requests.PreparedRequest) -> Reply:
+        with self._lock:
+            self.violations.append(STRAY_REQUEST.format(method=req.method, url=req.url))
+        return 502, {}, json.dumps({"message": "not the GitHub this fake serves"})
 
     def _route(
         self,

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import hmac
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -30,7 +31,7 @@ from bot.github.auth import AppAuth
 from bot.github.service import GitHubService
 from bot.runtime import LABEL_RUN, DockerRuntime
 from bot.settings import Settings
-from bot.states import RunState
+from bot.states import RunMode, RunState
 from bot.store import Store
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
@@ -49,9 +50,12 @@ JUNIT = (
     '<testcase classname="t" name="test_two"/><testcase classname="t" name="test_three">'
     "<skipped/></testcase></testsuite>"
 )
+GHES_API = "https://ghe.example.test/api/v3"
+FORK = "forker/sample"
 CONFIG = f"""agent:
   command: >-
     grep -q SLOWLY "$TRIMO_TASK_FILE" && sleep 300;
+    grep -q PRINTENV "$TRIMO_TASK_FILE" && env | sort;
     echo "fixed by $TRIMO_RUN_ID" >> fix.txt && git add fix.txt && git commit -qm "Fix the bug"
 test:
   command: echo '{JUNIT}' > "$TRIMO_OUT/junit.xml"
@@ -86,6 +90,8 @@ class App:
     store: Store
     remote: Path
     service: GitHubService
+    docker: docker.DockerClient
+    tmp: Path
 
     def deliver(
         self, event: str, data: dict[str, Any], delivery: str | None = None
@@ -125,15 +131,64 @@ class App:
             time.sleep(0.1)
         raise AssertionError("condition not reached")
 
+    def say(self, number: int, body: str, sender: str = WRITER, *, pull: bool = False) -> None:
+        """`sender` comments `body` on issue or PR `number`: on the fake, then as a webhook."""
+        comment = self.fake.add_comment(REPO, number, body, user=sender)
+        data = _comment_payload(number, body, sender, pull=pull)
+        data["comment"]["id"] = comment["id"]
+        assert self.deliver("issue_comment", data).status_code == 202
+
+    def comments(self, number: int, text: str = "") -> list[str]:
+        """Bodies of Trimo's comments on `number` that contain `text`."""
+        return [
+            c["body"]
+            for c in self.fake.comments_on(REPO, number)
+            if c["user"]["type"] == "Bot" and text in c["body"]
+        ]
+
+    def wait_comment(self, number: int, text: str, timeout: float = 30) -> str:
+        self.wait_for(lambda: self.comments(number, text), timeout)
+        return self.comments(number, text)[-1]
+
+    def tracking(self, run_id: int) -> str:
+        """The tracking comment of run `run_id`, as it reads now."""
+        marker = f"<!-- trimo:run={run_id} -->"
+        found = [c["body"] for c in self.fake.comments.values() if marker in c["body"]]
+        assert len(found) == 1, f"{len(found)} tracking comments for run {run_id}"
+        return found[0]
+
+    def settle(self) -> None:
+        """Wait until every delivery has been acted on."""
+        self.wait_for(lambda: self.store.pending_deliveries() == 0)
+        time.sleep(0.3)  # the last delivery's replies follow its claim by a moment
+
+    def containers(self, run_id: int) -> list[Any]:
+        """This test's containers of run `run_id` (other tests may run with the same run ids)."""
+        labels = [f"{LABEL_RUN}={run_id}", "trimo.owner=pytest-app"]
+        return list(self.docker.containers.list(all=True, filters={"label": labels}))
+
+    def live_run(self, state: RunState = RunState.AGENT, timeout: float = 60) -> int:
+        """The id of the latest run once it reached `state`."""
+        self.wait_for(
+            lambda: self.store.list_runs() and self.store.list_runs()[0].state == state, timeout
+        )
+        return self.store.list_runs()[0].id
+
 
 @pytest.fixture
-def app(tmp_path: Path, base_image: str, docker_client: docker.DockerClient) -> Iterator[App]:
+def app(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    base_image: str,
+    docker_client: docker.DockerClient,
+) -> Iterator[App]:
+    """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES."""
     remote = tmp_path / "remotes" / f"{REPO}.git"
     work = tmp_path / "work"
     make_repo(work, {"README.md": "# sample\n", ".trimo/config.yml": CONFIG})
     remote.parent.mkdir(parents=True)
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(remote)], check=True)
-    with FakeGitHub() as fake:
+    with FakeGitHub(getattr(request, "param", None) or "https://api.github.com") as fake:
         fake.add_repo(REPO)
         fake.set_permission(WRITER, "write")
         fake.set_permission(READER, "read")
@@ -178,7 +233,15 @@ def app(tmp_path: Path, base_image: str, docker_client: docker.DockerClient) -> 
         for t in threads:
             t.start()
         try:
-            yield App(fake, f"http://127.0.0.1:{server.server_port}", store, remote, service)
+            yield App(
+                fake,
+                f"http://127.0.0.1:{server.server_port}",
+                store,
+                remote,
+                service,
+                docker_client,
+                tmp_path,
+            )
         finally:
             stop.set()
             pool.stop(wait=True)
@@ -193,7 +256,7 @@ def app(tmp_path: Path, base_image: str, docker_client: docker.DockerClient) -> 
 
 
 def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
-    app: App, docker_client: docker.DockerClient
+    app: App,
 ) -> None:
     issue = app.fake.add_issue(REPO, title="Fix the bug", body="It is broken.")
     data = retarget(payload("issues.labeled.json"), issue["number"], issue["title"])
@@ -219,7 +282,7 @@ def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     checks = list(app.fake.check_runs.values())
     assert len(checks) == 1 and checks[0]["status"] == "completed"
     assert checks[0]["conclusion"] == "success"
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run_id}"}) == []
+    assert app.containers(run_id) == []
 
     # The same delivery again: one run only.
     before = len(app.store.list_runs())
@@ -230,12 +293,23 @@ def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     app.wait_finished(app.store.list_runs()[0].id)
 
 
-def _comment_payload(number: int, body: str, sender: str) -> dict[str, Any]:
+def _comment_payload(number: int, body: str, sender: str, *, pull: bool = False) -> dict[str, Any]:
     data = retarget(payload("issue_comment.created.json"), number)
     data["comment"]["body"] = body
     data["comment"]["id"] = app_comment_id = int(time.time() * 1000) % 10**9
     data["sender"]["login"] = sender
     data["sender"]["type"] = "User"
+    if pull:
+        # A comment on a PR's conversation is an issue_comment whose issue has a `pull_request`
+        # member (GitHub's shape; the recorded payload is from a plain issue).
+        api = f"https://api.github.com/repos/{REPO}/pulls/{number}"
+        data["issue"]["pull_request"] = {
+            "url": api,
+            "html_url": f"https://github.com/{REPO}/pull/{number}",
+            "diff_url": f"https://github.com/{REPO}/pull/{number}.diff",
+            "patch_url": f"https://github.com/{REPO}/pull/{number}.patch",
+            "merged_at": None,
+        }
     assert app_comment_id
     return data
 
@@ -276,7 +350,7 @@ def test_retry_by_writer_runs_again_and_reader_is_refused(app: App) -> None:
 
 
 def test_stop_during_agent_cancels_the_run_and_the_check(
-    app: App, docker_client: docker.DockerClient
+    app: App,
 ) -> None:
     issue = app.fake.add_issue(REPO, title="Long one")
     run_cmd = _comment_payload(issue["number"], "/trimo run work SLOWLY please", WRITER)
@@ -290,7 +364,344 @@ def test_stop_during_agent_cancels_the_run_and_the_check(
     stop = _comment_payload(issue["number"], "/trimo stop", WRITER)
     assert app.deliver("issue_comment", stop).status_code == 202
     assert app.wait_finished(run.id, timeout=60) == RunState.CANCELLED
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run.id}"}) == []
+    assert app.containers(run.id) == []
     app.wait_for(
         lambda: any(c.get("conclusion") == "cancelled" for c in app.fake.check_runs.values())
     )
+    assert f"**Why:** stopped by @{WRITER}" in app.tracking(run.id)
+
+
+# ---- helpers for the tests below ---------------------------------------------------------------
+
+
+def _label(app: App, title: str, body: str = "") -> dict[str, Any]:
+    """A new issue on the fake, labelled `trimo` by the writer; returns the issue."""
+    issue = app.fake.add_issue(REPO, title=title, body=body)
+    data = retarget(payload("issues.labeled.json"), issue["number"], title)
+    data["issue"]["body"] = body
+    data["label"]["name"] = "trimo"
+    data["sender"]["login"] = WRITER
+    assert app.deliver("issues", data).status_code == 202
+    return issue
+
+
+def _fork_pull(app: App, title: str) -> tuple[dict[str, Any], str]:
+    """A PR from a fork: its head commit is in the remote under refs/pull/<n>/head, as on GitHub.
+
+    Returns the PR and its head commit.
+    """
+    clone = app.tmp / f"fork-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["git", "clone", "-q", str(app.remote), str(clone)], check=True)
+    (clone / "feature.txt").write_text("the fork's feature\n")
+    git(clone, "add", "feature.txt")
+    git(clone, "commit", "-qm", "The fork's feature")
+    head = git(clone, "rev-parse", "HEAD")
+    git(clone, "push", "-q", "origin", "HEAD:refs/heads/incoming")
+    pull = app.fake.add_pull(REPO, head="feature", head_repo=FORK, head_sha=head, title=title)
+    git(app.remote, "update-ref", f"refs/pull/{pull['number']}/head", head)
+    git(app.remote, "update-ref", "-d", "refs/heads/incoming")
+    return pull, head
+
+
+def _pull_labeled(pull: dict[str, Any], sender: str = WRITER) -> dict[str, Any]:
+    """The recorded pull_request.labeled payload, pointed at `pull` (head in the fork)."""
+    data = retarget(payload("pull_request.labeled.json"), pull["number"])
+    data["number"] = pull["number"]
+    data["label"]["name"] = "trimo"
+    data["sender"]["login"] = sender
+    pr = data["pull_request"]
+    pr["number"] = pull["number"]
+    pr["title"] = pull["title"]
+    pr["head"]["sha"] = pull["head"]["sha"]
+    pr["head"]["ref"] = pull["head"]["ref"]
+    pr["head"]["repo"]["full_name"] = pull["head"]["repo"]["full_name"]
+    pr["base"]["repo"]["full_name"] = REPO
+    return data
+
+
+def _rerequested(app: App, check_run_id: int, head_sha: str, app_id: int) -> dict[str, Any]:
+    data = retarget(payload("check_run.rerequested.json"), 0)
+    data["check_run"]["id"] = check_run_id
+    data["check_run"]["head_sha"] = head_sha
+    data["check_run"]["app"]["id"] = app_id
+    data["check_run"]["pull_requests"] = []
+    data["sender"]["login"] = WRITER
+    return data
+
+
+def _no_run_yet(app: App) -> None:
+    app.settle()
+    assert app.store.list_runs() == []
+
+
+# ---- fork pull requests ------------------------------------------------------------------------
+
+
+def test_a_fork_pr_waits_for_approval_of_its_head_commit(app: App) -> None:
+    pull, head = _fork_pull(app, "Feature from a fork")
+    number = pull["number"]
+    assert app.deliver("pull_request", _pull_labeled(pull)).status_code == 202
+    waiting = app.wait_comment(number, "comes from a fork")
+    assert head[:12] in waiting and "/trimo approve" in waiting
+    _no_run_yet(app)
+    assert app.docker.containers.list(all=True, filters={"label": "trimo.owner=pytest-app"}) == []
+
+    # A reader cannot approve.
+    app.say(number, "/trimo approve", READER, pull=True)
+    app.wait_comment(number, f"@{READER} Trimo runs only for people with **write**")
+    _no_run_yet(app)
+
+    # A writer can: the run goes, on the base repository's branch trimo/pr-<n>-<slug>.
+    app.say(number, "/trimo approve", WRITER, pull=True)
+    assert head[:12] in app.wait_comment(number, f"for Trimo runs by @{WRITER}")
+    app.wait_for(lambda: app.store.list_runs())
+    run = app.store.list_runs()[0]
+    assert app.wait_finished(run.id) == RunState.SUCCEEDED
+    branch = app.store.get_pipeline(run.pipeline_id).branch
+    assert branch == f"trimo/pr-{number}-feature-from-a-fork"
+    assert git(app.remote, "log", "-1", "--format=%s", branch) == "Fix the bug"
+    assert "succeeded" in app.tracking(run.id)
+    checks = [c for c in app.fake.check_runs.values() if c["head_sha"] == head]
+    assert [c["conclusion"] for c in checks] == ["success"]
+    assert app.containers(run.id) == []
+
+    # New commits on the fork: the approval does not carry over, by label or by command.
+    new_head = "f" * 40
+    app.fake.pulls[(REPO, number)]["head"]["sha"] = new_head
+    moved = copy.deepcopy(pull)
+    moved["head"]["sha"] = new_head
+    assert app.deliver("pull_request", _pull_labeled(moved)).status_code == 202
+    app.wait_comment(number, f"head commit `{new_head[:12]}`")
+    app.say(number, "/trimo retry", WRITER, pull=True)
+    app.wait_for(lambda: len(app.comments(number, f"head commit `{new_head[:12]}`")) == 2)
+    app.settle()
+    assert len(app.store.list_runs()) == 1
+
+
+def test_a_fork_pr_run_starts_from_the_pr_head_commit(app: App) -> None:
+    pull, head = _fork_pull(app, "Feature from a fork")
+    number = pull["number"]
+    app.deliver("pull_request", _pull_labeled(pull))
+    app.wait_comment(number, "comes from a fork")
+    app.say(number, "/trimo approve", WRITER, pull=True)
+    app.wait_for(lambda: app.store.list_runs())
+    run = app.store.list_runs()[0]
+    assert app.wait_finished(run.id) == RunState.SUCCEEDED
+    branch = app.store.get_pipeline(run.pipeline_id).branch
+    # The agent's commit sits on the fork's head, not on the default branch.
+    assert git(app.remote, "rev-parse", f"{branch}~1") == head
+    assert app.store.get_run(run.id).base_sha == head
+
+
+# ---- GitHub failing, rate limits, GHES --------------------------------------------------------
+
+
+def test_a_502_on_the_tracking_comment_is_retried_into_exactly_one_comment(app: App) -> None:
+    app.fake.fail_next("POST", r"^/repos/octo/sample/issues/\d+/comments$", 502)
+    issue = _label(app, "Flaky GitHub")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    posts = app.fake.requests_to("POST", rf"/issues/{issue['number']}/comments$")
+    assert len(posts) == 2  # the 502, then the 201
+    assert len(app.comments(issue["number"], "trimo:run=")) == 1
+    assert "succeeded" in app.tracking(run_id)
+
+
+def test_a_502_after_github_posted_the_comment_does_not_post_it_twice(app: App) -> None:
+    app.fake.fail_next("POST", r"^/repos/octo/sample/issues/\d+/comments$", 502, apply=True)
+    issue = _label(app, "Flaky GitHub")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    assert len(app.fake.requests_to("POST", rf"/issues/{issue['number']}/comments$")) == 1
+    assert len(app.comments(issue["number"], "trimo:run=")) == 1
+    assert "succeeded" in app.tracking(run_id)
+
+
+def test_a_secondary_rate_limit_is_waited_out_as_retry_after_says(app: App) -> None:
+    app.fake.fail_next("POST", r"/check-runs$", 403, headers={"retry-after": "1"})
+    _label(app, "Rate limited")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    first, second = app.fake.requests_to("POST", r"/check-runs$")
+    assert second.at - first.at >= 1.0
+    assert second.json == first.json  # the same create, sent again
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
+
+
+@pytest.mark.parametrize("app", [GHES_API], indirect=True)
+def test_on_github_enterprise_server_every_request_goes_there(app: App) -> None:
+    assert app.fake.base_url == GHES_API
+    issue = _label(app, "Fix the bug")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    # Tokens, permission, comment, check run and PR all went to the GHES API ...
+    assert app.fake.token_requests
+    for method, path in [
+        ("GET", r"/collaborators/.+/permission$"),
+        ("POST", r"/issues/\d+/comments$"),
+        ("POST", r"/check-runs$"),
+        ("POST", r"/pulls$"),
+    ]:
+        assert app.fake.requests_to(method, path), (method, path)
+    # ... and none to api.github.com (the fake records any as a violation; the fixture checks).
+    assert not app.fake.violations
+    body = app.tracking(run_id)
+    assert f"https://ghe.example.test/{REPO}/tree/trimo/{issue['number']}-fix-the-bug" in body
+    assert "https://github.com" not in body
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
+
+
+# ---- secrets -----------------------------------------------------------------------------------
+
+
+def test_tokens_and_secrets_never_reach_logs_events_requests_or_the_agent(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    issue = _label(app, "Show me the environment", body="Run with PRINTENV please.")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    app.say(issue["number"], "/trimo status")
+    app.wait_comment(issue["number"], f"Run {run_id}:")
+    app.settle()
+
+    tokens = list(app.fake.tokens)
+    assert tokens and all(t.startswith("ghs_") for t in tokens)
+    key_lines = [line for line in app.fake.private_key.splitlines() if "-----" not in line]
+    canaries = [*tokens, SECRET, *key_lines]
+
+    logs = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert any("installation token" in line for line in logs)  # DEBUG and INFO were captured
+    events = [json.dumps([e.kind, e.message, e.data]) for e in app.store.events(run_id)]
+    bodies = [json.dumps(r.json) for r in app.fake.requests if r.json is not None]
+    for where, texts in [("log records", logs), ("run events", events), ("requests", bodies)]:
+        for canary in canaries:
+            assert not any(canary in text for text in texts), f"a secret is in the {where}"
+
+    # The agent printed its whole environment: no token there, not even a masked one.
+    env = [e.message for e in app.store.events(run_id, kinds=["log"])]
+    assert any(line.startswith("TRIMO_RUN_ID=") for line in env), env
+    assert not any("ghs_" in line or "***" in line for line in env)
+
+
+# ---- check run Re-run --------------------------------------------------------------------------
+
+
+def test_re_run_on_trimos_check_run_retries_the_pipeline_and_others_are_ignored(
+    app: App,
+) -> None:
+    issue = _label(app, "Fix the bug", body="It is broken.")
+    app.wait_for(lambda: app.store.list_runs())
+    first = app.store.list_runs()[0]
+    assert app.wait_finished(first.id) == RunState.SUCCEEDED
+    (check,) = app.fake.check_runs.values()
+
+    rerun = _rerequested(app, check["id"], check["head_sha"], app.fake.app_id)
+    assert app.deliver("check_run", rerun).status_code == 202
+    app.wait_for(lambda: len(app.store.list_runs()) == 2)
+    second = app.store.list_runs()[0]
+    assert second.pipeline_id == first.pipeline_id
+    assert second.trigger == "check_run" and second.task == first.task
+    assert app.wait_finished(second.id) == RunState.SUCCEEDED
+    branch = app.store.get_pipeline(first.pipeline_id).branch
+    assert git(app.remote, "rev-list", "--count", f"main..{branch}") == "2"
+    assert len(app.comments(issue["number"], "trimo:run=")) == 2
+    assert "succeeded" in app.tracking(second.id)
+
+    # Another App's check run, or a check run Trimo never made: nothing happens.
+    comments = len(app.fake.comments)
+    other = _rerequested(app, check["id"], check["head_sha"], app.fake.app_id + 1)
+    assert app.deliver("check_run", other).status_code == 200
+    unknown = _rerequested(app, 99, check["head_sha"], app.fake.app_id)
+    app.deliver("check_run", unknown)
+    app.settle()
+    assert len(app.store.list_runs()) == 2
+    assert len(app.fake.comments) == comments
+    assert len(app.fake.check_runs) == 2
+
+
+# ---- comment commands --------------------------------------------------------------------------
+
+
+def test_test_status_help_and_unknown_commands_and_bots_are_ignored(app: App) -> None:
+    issue = app.fake.add_issue(REPO, title="Only the tests")
+    number = issue["number"]
+    app.say(number, "/trimo test")
+    app.wait_for(lambda: app.store.list_runs())
+    run = app.store.list_runs()[0]
+    assert run.mode == RunMode.TESTS
+    assert app.wait_finished(run.id) == RunState.SUCCEEDED
+    body = app.tracking(run.id)
+    assert "2 passed" in body and "1 skipped" in body
+    # No agent ran: nothing was committed, so no branch and no PR.
+    assert app.store.get_run(run.id).commits in (None, 0)
+    assert git(app.remote, "branch", "--list", "trimo/*") == ""
+    assert app.fake.pulls == {}
+
+    app.say(number, "/trimo status")
+    status = app.wait_comment(number, f"Run {run.id}:")
+    assert "**succeeded**" in status
+
+    app.say(number, "/trimo help")
+    help_text = app.wait_comment(number, "Trimo understands these commands")
+    assert "`/trimo retry`" in help_text and "Unknown command" not in help_text
+
+    app.say(number, "/trimo rety")
+    unknown = app.wait_comment(number, "Unknown command `/trimo rety`")
+    assert "Did you mean `/trimo retry`?" in unknown and "Trimo understands" in unknown
+
+    # Comments by bots are never commands, whether the type or the login says so.
+    before = len(app.fake.comments)
+    bot = _comment_payload(number, "/trimo retry", "some-ci[bot]")
+    bot["sender"]["type"] = "Bot"
+    assert app.deliver("issue_comment", bot).status_code == 200
+    itself = _comment_payload(number, "/trimo retry", "trimo[bot]")
+    assert app.deliver("issue_comment", itself).status_code == 200
+    app.settle()
+    assert len(app.store.list_runs()) == 1
+    assert len(app.fake.comments) == before
+
+
+# ---- runs that end early -----------------------------------------------------------------------
+
+
+def test_a_new_trigger_supersedes_the_live_run_and_its_report_says_so(app: App) -> None:
+    issue = app.fake.add_issue(REPO, title="Superseded")
+    number = issue["number"]
+    app.say(number, "/trimo run work SLOWLY please")
+    old = app.live_run(RunState.AGENT)
+
+    app.say(number, "/trimo retry")
+    app.wait_for(lambda: len(app.store.list_runs()) == 2)
+    new = app.store.list_runs()[0].id
+    assert app.wait_finished(old, timeout=60) == RunState.CANCELLED
+    assert app.store.get_run(old).reason == f"superseded by run {new}"
+    assert app.wait_finished(new) == RunState.SUCCEEDED
+    app.wait_for(lambda: "was cancelled" in app.tracking(old))
+    assert f"Superseded by run #{new}" in app.tracking(old)
+    assert "succeeded" in app.tracking(new)
+    assert app.containers(old) == [] and app.containers(new) == []
+    conclusions = sorted(c["conclusion"] for c in app.fake.check_runs.values())
+    assert conclusions == ["cancelled", "success"]
+
+
+def test_closing_the_issue_cancels_its_live_run(app: App) -> None:
+    _label(app, "Closed soon", body="Work SLOWLY on this.")
+    run_id = app.live_run(RunState.AGENT)
+    run = app.store.get_run(run_id)
+    number = app.store.get_pipeline(run.pipeline_id).number or 0
+    data = retarget(payload("issues.labeled.json"), number, "Closed soon")
+    data["action"] = "closed"
+    data["issue"]["state"] = "closed"
+    del data["label"]
+    assert app.deliver("issues", data).status_code == 202
+    assert app.wait_finished(run_id, timeout=60) == RunState.CANCELLED
+    app.wait_for(lambda: "was cancelled" in app.tracking(run_id))
+    assert "**Why:** the issue was closed" in app.tracking(run_id)
+    assert app.containers(run_id) == []
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["cancelled"]

@@ -155,6 +155,46 @@ def test_branch_starts_at_default_tip_then_builds_on_earlier_work(
     assert follow_up.default_head == co.base
 
 
+def test_a_fork_pr_branch_starts_at_the_pr_head_and_config_stays_on_main(
+    ws: Workspace, origin: Origin, tmp_path: Path
+) -> None:
+    # GitHub keeps a fork PR's commits in the base repository under refs/pull/<n>/head.
+    git(origin.work, "checkout", "-q", "-b", "fork-feature")
+    commit_file(origin.work, "feature.py", "x = 2\n", "The fork's change")
+    commit_file(origin.work, ".trimo/config.yml", "test_command: steal-secrets\n", "PR edits")
+    pr_head = git(origin.work, "rev-parse", "HEAD")
+    git(origin.work, "push", "-q", "origin", "fork-feature:refs/heads/tmp-fork")
+    git(origin.bare, "update-ref", "refs/pull/7/head", pr_head)
+    git(origin.bare, "update-ref", "-d", "refs/heads/tmp-fork")
+    branch = "trimo/pr-7-feature"
+
+    co = ws.prepare(Remote(str(origin.bare)), branch, start_ref="refs/pull/7/head")
+    assert co.new_branch
+    assert co.base == pr_head
+    assert co.default_head == origin.head("main") != pr_head
+    # Configuration still comes from the default branch, not from the pull request.
+    assert ws.read_file(co, co.default_head, ".trimo/config.yml") == b"test_command: make test\n"
+
+    # The work of a run on it builds on the PR's head and is pushed to the pipeline branch.
+    bundle = agent_bundle(ws, co, tmp_path, {"fix.py": "y = 1\n"})
+    result = ws.import_bundle(co, bundle, run_id=1)
+    assert [s for _, s in result.commits] == ["Change fix.py"]
+    ws.publish(co, result)
+    assert git(origin.bare, "rev-parse", f"{branch}~1") == pr_head
+
+    # Once the branch exists, the next run builds on it, whatever the PR's head.
+    again = ws.prepare(Remote(str(origin.bare)), branch, start_ref="refs/pull/7/head")
+    assert not again.new_branch and again.base == result.head
+
+
+def test_a_missing_or_invalid_start_ref_fails_clearly(ws: Workspace, origin: Origin) -> None:
+    with pytest.raises(WorkspaceError, match="refs/pull/8/head does not exist"):
+        ws.prepare(Remote(str(origin.bare)), "trimo/pr-8-x", start_ref="refs/pull/8/head")
+    for bad in ("pull/8/head", "refs/pull/8/he..ad"):
+        with pytest.raises(WorkspaceError, match="not a valid git ref to start from"):
+            ws.prepare(Remote(str(origin.bare)), "trimo/pr-8-x", start_ref=bad)
+
+
 def test_default_branch_is_the_remote_head(ws: Workspace, origin: Origin) -> None:
     git(origin.work, "push", "-q", "origin", "main:trunk")
     git(origin.bare, "symbolic-ref", "HEAD", "refs/heads/trunk")

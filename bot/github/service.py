@@ -97,6 +97,10 @@ class GitHubService:
         self.write_interval = write_interval
         self.edit_interval = edit_interval
         self._clients: dict[tuple[int, str], GitHubClient] = {}
+        self._reporters: dict[tuple[int, str], Reporter] = {}
+        # One report of a run at a time: the queued report (delivery thread) and the first phase
+        # (worker thread) must not both create the tracking comment or the check run.
+        self._report_locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
     # -- clients -----------------------------------------------------------------------------------
@@ -123,9 +127,19 @@ class GitHubService:
             return self._clients[key]
 
     def reporter(self, installation_id: int, repo: str) -> Reporter:
-        return Reporter(
-            self.client(installation_id, repo), _Ids(self.store), edit_interval=self.edit_interval
-        )
+        """The repository's reporter; one per repository, so live edits are throttled per run."""
+        client = self.client(installation_id, repo)
+        key = (installation_id, repo)
+        with self._lock:
+            if key not in self._reporters:
+                self._reporters[key] = Reporter(
+                    client, _Ids(self.store), edit_interval=self.edit_interval
+                )
+            return self._reporters[key]
+
+    def _report_lock(self, run_id: int) -> threading.Lock:
+        with self._lock:
+            return self._report_locks.setdefault(run_id, threading.Lock())
 
     # -- deliveries --------------------------------------------------------------------------------
 
@@ -210,8 +224,11 @@ class GitHubService:
     def on_run(self, intent: RunIntent) -> None:
         installation_id = self.installation_for(intent.repo, intent.installation_id)
         client = self.client(installation_id, intent.repo)
+        task = None
         if intent.trigger == "check_run" and intent.check_run_id is not None:
-            intent = self._from_check_run(intent)
+            intent, task = self._from_check_run(intent)
+        elif intent.kind == PipelineKind.PULL and (intent.is_fork is None or not intent.head_sha):
+            intent = self._with_pull_head(client, intent)
         allowed, permission = self._authorized(client, intent.repo, intent.sender)
         pipeline = self._pipeline(intent, installation_id)
         if not allowed:
@@ -242,7 +259,8 @@ class GitHubService:
             self.store,
             pipeline,
             trigger=intent.trigger,
-            task=_task(
+            task=task
+            or _task(
                 intent.title or pipeline.title,
                 intent.body,
                 pipeline.number or 0,
@@ -253,25 +271,42 @@ class GitHubService:
             instructions=intent.instructions,
             head_sha=intent.head_sha,
         )
-        self.reporter(installation_id, intent.repo).on_queued(self.view(run))
+        with self._report_lock(run.id):
+            self.reporter(installation_id, intent.repo).on_queued(self.view(run))
 
-    def _from_check_run(self, intent: RunIntent) -> RunIntent:
+    def _from_check_run(self, intent: RunIntent) -> tuple[RunIntent, str]:
+        """The intent of a check run's "Re-run", and the task of the run it repeats."""
         run_id = self.store.run_for_posted("check_run", int(intent.check_run_id or 0))
         if run_id is None:
             raise GitHubError(NOT_A_TRIMO_CHECK.format(check_id=intent.check_run_id))
         previous = self.store.get_run(run_id)
         pipeline = self.store.get_pipeline(previous.pipeline_id)
-        return intent.model_copy(
+        rerun = intent.model_copy(
             update={
                 "kind": pipeline.kind,
                 "number": pipeline.number,
                 "title": pipeline.title,
-                "body": previous.task,
                 "head_ref": pipeline.branch if pipeline.kind == PipelineKind.PULL else None,
                 "head_repo": pipeline.head_repo,
                 "is_fork": bool(pipeline.head_repo and pipeline.head_repo != pipeline.repo),
                 "head_sha": intent.head_sha or previous.head_sha,
                 "instructions": previous.instructions,
+                "mode": previous.mode,
+            }
+        )
+        return rerun, previous.task
+
+    def _with_pull_head(self, client: GitHubClient, intent: RunIntent) -> RunIntent:
+        """A PR intent completed with the PR's head (a comment's payload does not carry it)."""
+        owner, name = intent.repo.split("/", 1)
+        pull = client.get_pull(owner, name, int(intent.number or 0))
+        return intent.model_copy(
+            update={
+                "head_sha": pull.head_sha,
+                "head_ref": pull.head_ref,
+                "head_repo": pull.head_repo or None,
+                # A deleted fork leaves no head repository: still a fork.
+                "is_fork": pull.head_repo != intent.repo,
             }
         )
 
@@ -363,6 +398,7 @@ class GitHubService:
             self._reply(client, intent.repo, number, NOTHING_TO_APPROVE)
             return
         self._react(client, intent)
+        known = self.store.find_pipeline(intent.repo, f"{PipelineKind.PULL.value}:{number}")
         run_intent = RunIntent(
             repo=intent.repo,
             installation_id=installation_id,
@@ -371,7 +407,7 @@ class GitHubService:
             delivery_id=intent.delivery_id,
             kind=PipelineKind.PULL,
             number=number,
-            title=f"pull request #{number}",
+            title=known.title if known else f"pull request #{number}",
             trigger="command",
             head_sha=pull.head_sha,
             head_ref=pull.head_ref,
@@ -406,9 +442,15 @@ class GitHubService:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         installation_id = self.installation_for(pipeline.repo, pipeline.installation_id)
         token = self.auth.installation_token(installation_id, pipeline.repo.split("/", 1)[1])
+        fork = pipeline.kind == PipelineKind.PULL and pipeline.head_repo not in (
+            None,
+            pipeline.repo,
+        )
         return RunContext(
             remote=Remote(self.settings.repo_git_url(pipeline.repo), token=token),
             extra_secrets={"installation-token": token},
+            # A fork's commits are in the base repository under the pull request's head ref.
+            start_ref=f"refs/pull/{pipeline.number}/head" if fork else None,
         )
 
     def view(self, run: Run) -> RunView:
@@ -459,7 +501,10 @@ class GitHubService:
             tests=tests,
             failures=run.failures,
             summary=run.summary,
-            reason=run.reason,
+            # The engine says only "cancelled"; the report says who or what cancelled the run.
+            reason=run.cancel_reason
+            if run.state == RunState.CANCELLED and run.cancel_reason
+            else run.reason,
             superseded_by=run.superseded_by,
             log_url=f"{self.settings.public_url}/runs/{run.id}"
             if self.settings.public_url
@@ -471,13 +516,17 @@ class GitHubService:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         installation_id = self.installation_for(pipeline.repo, pipeline.installation_id)
         reporter = self.reporter(installation_id, pipeline.repo)
+        with self._report_lock(run.id):
+            if run.state.finished:
+                if pipeline.kind == PipelineKind.ISSUE and run.head_sha and run.commits:
+                    self._ensure_pull(pipeline, installation_id)
+                    run = self.store.get_run(run.id)
+                reporter.on_finished(self.view(run))
+            else:
+                reporter.on_phase(self.view(run))
         if run.state.finished:
-            if pipeline.kind == PipelineKind.ISSUE and run.head_sha and run.commits:
-                self._ensure_pull(pipeline, installation_id)
-                run = self.store.get_run(run.id)
-            reporter.on_finished(self.view(run))
-        else:
-            reporter.on_phase(self.view(run))
+            with self._lock:
+                self._report_locks.pop(run.id, None)
 
     def _ensure_pull(self, pipeline: Pipeline, installation_id: int) -> None:
         pipeline = self.store.get_pipeline(pipeline.id)
