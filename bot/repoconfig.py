@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -324,22 +323,6 @@ def _keys_at(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def is_protected(path: str, patterns: list[str] | tuple[str, ...]) -> bool:
-    """Whether repository path `path` matches the gitignore-style `patterns` (last match wins,
-    `!pattern` un-protects, a directory pattern covers everything under it)."""
-    path = path.lstrip("/")
-    protected = False
-    for pattern in patterns:
-        compiled = _compile_glob(pattern)
-        if compiled is None:
-            continue
-        regex, negated = compiled
-        if regex.fullmatch(path):
-            protected = not negated
-    return protected
-
-
-@lru_cache(maxsize=256)
 def _compile_glob(pattern: str) -> tuple[re.Pattern[str], bool] | None:
     pattern = pattern.strip()
     if not pattern or pattern.startswith("#"):

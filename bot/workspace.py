@@ -41,6 +41,7 @@ from typing import IO, NoReturn
 from urllib.parse import urlsplit
 
 from bot.errors import PublishRefused, WorkspaceError
+from bot.paths import is_protected
 
 AGENT_UID = 1000
 AGENT_GID = 1000
@@ -393,7 +394,7 @@ class Workspace:
 
     def check_protected(self, result: Result, patterns: Sequence[str]) -> None:
         """Raise PublishRefused naming every changed path matched by a gitignore-style pattern."""
-        hits = [p for p in result.changed_paths if any(path_matches(p, pat) for pat in patterns)]
+        hits = [p for p in result.changed_paths if is_protected(p, patterns)]
         if hits:
             raise PublishRefused(
                 PROTECTED_PATHS.format(run_id=result.run_id, paths=", ".join(hits))
@@ -450,43 +451,7 @@ class Workspace:
 
 def path_matches(path: str, pattern: str) -> bool:
     """Whether `path` (or a directory above it) matches a gitignore-style `pattern`."""
-    regex = _pattern_regex(pattern)
-    parts = PurePosixPath(path).parts
-    candidates = ["/".join(parts[:i]) for i in range(1, len(parts))]
-    if not pattern.endswith("/"):
-        candidates.append(path)
-    return any(regex.fullmatch(c) for c in candidates)
-
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    body = pattern.rstrip("/")
-    # As in gitignore: a pattern with no inner slash matches at any depth.
-    anchored = "/" in body
-    body = body.lstrip("/")
-    out, i = [], 0
-    while i < len(body):
-        if body.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif body.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif body[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif body[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif body[i] == "[" and "]" in body[i + 1 :]:
-            end = body.index("]", i + 2) if body[i + 1] == "]" else body.index("]", i + 1)
-            cls = body[i + 1 : end].replace("\\", "\\\\")
-            out.append("[^" + cls[1:] + "]" if cls.startswith("!") else "[" + cls + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(body[i]))
-            i += 1
-    prefix = "" if anchored else "(?:.*/)?"
-    return re.compile(prefix + "".join(out))
+    return is_protected(path, [pattern])
 
 
 class _Git:

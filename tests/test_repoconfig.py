@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from bot.errors import ConfigError
+from bot.paths import is_protected
 from bot.repoconfig import (
     AGENT_PRESETS,
     DEFAULT_TIMEOUT_SECONDS,
-    is_protected,
     load_repo_config,
     parse_repo_config,
 )
