@@ -93,8 +93,6 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, le=64)
     default_timeout: int = DEFAULT_TIMEOUT_SECONDS
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
-    # Base URL where `trimo serve` is reachable, for links to full logs in reports.
-    public_url: str | None = None
 
     app_id: int | None = None
     private_key: SecretStr | None = None
@@ -125,7 +123,7 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("expected a duration like 90s, 30m or 1h30m") from None
 
-    @field_validator("api_url", "web_url", "public_url")
+    @field_validator("api_url", "web_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value

@@ -165,7 +165,11 @@ def _comment(
             lines.append(f"- … and {len(view.commits) - len(commits)} more")
         lines.append("")
     if shortened:
-        where = f"[log]({view.log_url})" if view.log_url else f"`trimo runs show {view.run_id}`"
+        where = (
+            f"[log]({view.log_url})"
+            if view.log_url
+            else f"`trimo runs logs {view.run_id}` on the Trimo host"
+        )
         lines += [TRUNCATED.format(where=where), ""]
     lines.append(COMMANDS)
     return "\n".join(lines)

@@ -506,9 +506,6 @@ class GitHubService:
             if run.state == RunState.CANCELLED and run.cancel_reason
             else run.reason,
             superseded_by=run.superseded_by,
-            log_url=f"{self.settings.public_url}/runs/{run.id}"
-            if self.settings.public_url
-            else None,
             commits=[(c[0], c[1]) for c in (run.report or {}).get("commits", [])],
         )
 
