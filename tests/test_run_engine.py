@@ -184,6 +184,21 @@ def test_failing_preboot_reports_its_last_lines(
             docker_client.images.remove(img.id, force=True)
 
 
+def test_failed_image_build_ends_the_run_with_its_last_lines(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / f"build-fails-{os.getpid()}", extra={
+        ".trimo/Dockerfile": (
+            "FROM trimo/base:bookworm\nRUN echo 'fetching toolchain' && echo 'E: no such package "
+            "libfoo-dev' && false\n"
+        ),
+    })
+    r = trimo("run", "--repo", str(repo), "--task", "Anything", "--agent", "echo AGENT-RAN")
+    assert r.returncode == 1
+    assert "image build failed" in r.stdout
+    assert "E: no such package libfoo-dev" in r.stdout
+    run = trimo.store().list_runs()[0]
+    assert run.state == RunState.ERROR and run.container_id is None
+
+
 def test_invalid_config_names_the_field_and_starts_nothing(trimo: Trimo, tmp_path: Path) -> None:
     repo = light_repo(tmp_path / "repo", "resources:\n  memory: lots\n")
     with EngineProxy() as proxy:
