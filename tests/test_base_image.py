@@ -28,6 +28,11 @@ echo "starting postgres"
 echo "FATAL: could not bind to port 5432" >&2
 exit 1
 """
+WAITING_PREBOOT = """#!/bin/bash
+set -euo pipefail
+echo "search: cannot bind 9200, address in use" > /tmp/search.log
+TRIMO_WAIT_SECONDS=2 trimo-wait search /tmp/search.log false
+"""
 CHATTY_PREBOOT = """#!/bin/bash
 set -euo pipefail
 echo "preboot ran as $(id -u)"
@@ -55,6 +60,11 @@ def profile_image(docker_client: docker.DockerClient, base_image: str) -> Iterat
 @pytest.fixture(scope="module")
 def failing_preboot_image(docker_client: docker.DockerClient, base_image: str) -> Iterator[str]:
     yield from _derived(docker_client, base_image, FAILING_PREBOOT)
+
+
+@pytest.fixture(scope="module")
+def waiting_preboot_image(docker_client: docker.DockerClient, base_image: str) -> Iterator[str]:
+    yield from _derived(docker_client, base_image, WAITING_PREBOOT)
 
 
 @pytest.fixture
@@ -210,3 +220,14 @@ def test_base_builds_on_an_engine_without_registry(docker_client: docker.DockerC
         for ref in (base, debian):
             with contextlib.suppress(docker.errors.ImageNotFound):
                 docker_client.images.remove(ref, force=True)
+
+
+def test_trimo_wait_reports_a_service_that_never_answers(
+    runtime: DockerRuntime, waiting_preboot_image: str, repo: Path
+) -> None:
+    r = run_runner(runtime, waiting_preboot_image, repo, agent_command="echo AGENT-STARTED")
+    assert r.exit_code == ExitCode.PREBOOT_FAILED
+    tail = r.first("failure")["tail"]
+    assert "preboot: search did not answer within 2s; last lines of /tmp/search.log:" in tail
+    assert "search: cannot bind 9200, address in use" in tail
+    assert "AGENT-STARTED" not in r.text
