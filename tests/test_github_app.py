@@ -279,9 +279,16 @@ def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     comments = [c for c in app.fake.comments_on(REPO, issue["number"]) if "trimo:run" in c["body"]]
     assert len(comments) == 1
     assert "2 passed" in comments[0]["body"] and "1 skipped" in comments[0]["body"]
-    checks = list(app.fake.check_runs.values())
-    assert len(checks) == 1 and checks[0]["status"] == "completed"
-    assert checks[0]["conclusion"] == "success"
+    # The check run followed the run on the branch's starting commit, and a completed one sits
+    # on the commit the run pushed, so the draft PR shows the result.
+    head = git(app.remote, "rev-parse", branch)
+    base = git(app.remote, "rev-parse", f"{branch}^")
+    by_sha = {c["head_sha"]: c for c in app.fake.check_runs.values()}
+    assert set(by_sha) == {base, head}
+    assert all(c["status"] == "completed" and c["conclusion"] == "success" for c in by_sha.values())
+    started = app.fake.check_run_history[by_sha[base]["id"]]
+    assert [h.get("status") for h in started][-1] == "completed"
+    assert "in_progress" in [h.get("status") for h in started]
     assert app.containers(run_id) == []
 
     # The same delivery again: one run only.
@@ -525,10 +532,11 @@ def test_a_secondary_rate_limit_is_waited_out_as_retry_after_says(app: App) -> N
     app.wait_for(lambda: app.store.list_runs())
     run_id = app.store.list_runs()[0].id
     assert app.wait_finished(run_id) == RunState.SUCCEEDED
-    first, second = app.fake.requests_to("POST", r"/check-runs$")
+    first, second, *rest = app.fake.requests_to("POST", r"/check-runs$")
     assert second.at - first.at >= 1.0
     assert second.json == first.json  # the same create, sent again
-    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
+    assert len(rest) == 1  # and then only the check run on the pushed commit
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success", "success"]
 
 
 @pytest.mark.parametrize("app", [GHES_API], indirect=True)
@@ -552,7 +560,7 @@ def test_on_github_enterprise_server_every_request_goes_there(app: App) -> None:
     body = app.tracking(run_id)
     assert f"https://ghe.example.test/{REPO}/tree/trimo/{issue['number']}-fix-the-bug" in body
     assert "https://github.com" not in body
-    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success", "success"]
 
 
 # ---- secrets -----------------------------------------------------------------------------------
@@ -599,7 +607,8 @@ def test_re_run_on_trimos_check_run_retries_the_pipeline_and_others_are_ignored(
     app.wait_for(lambda: app.store.list_runs())
     first = app.store.list_runs()[0]
     assert app.wait_finished(first.id) == RunState.SUCCEEDED
-    (check,) = app.fake.check_runs.values()
+    # Re-run works from either of the run's check runs: here the one on the pushed commit.
+    check = list(app.fake.check_runs.values())[-1]
 
     rerun = _rerequested(app, check["id"], check["head_sha"], app.fake.app_id)
     assert app.deliver("check_run", rerun).status_code == 202
@@ -622,7 +631,7 @@ def test_re_run_on_trimos_check_run_retries_the_pipeline_and_others_are_ignored(
     app.settle()
     assert len(app.store.list_runs()) == 2
     assert len(app.fake.comments) == comments
-    assert len(app.fake.check_runs) == 2
+    assert len(app.fake.check_runs) == 4  # two runs, each with its two check runs: no third run
 
 
 # ---- comment commands --------------------------------------------------------------------------
@@ -687,7 +696,7 @@ def test_a_new_trigger_supersedes_the_live_run_and_its_report_says_so(app: App) 
     assert "succeeded" in app.tracking(new)
     assert app.containers(old) == [] and app.containers(new) == []
     conclusions = sorted(c["conclusion"] for c in app.fake.check_runs.values())
-    assert conclusions == ["cancelled", "success"]
+    assert conclusions == ["cancelled", "success", "success"]  # old, new, new's pushed commit
 
 
 def test_closing_the_issue_cancels_its_live_run(app: App) -> None:

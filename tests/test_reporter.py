@@ -271,3 +271,20 @@ def test_finished_without_earlier_report_creates_completed_check(
     (check,) = fake_github.check_runs.values()
     assert (check["status"], check["conclusion"]) == ("completed", "action_required")
     assert "no write access" in fake_github.comments_on("octo/hello", 1)[0]["body"]
+
+
+def test_the_pushed_commit_gets_a_completed_check_run_once(
+    fake_github: FakeGitHub, client: GitHubClient
+) -> None:
+    pushed = "b" * 40
+    ids = DictIds()
+    reporter = Reporter(client, ids)
+    reporter.on_queued(view(RunState.QUEUED))
+    final = view(RunState.SUCCEEDED, tests=TestReport(passed=3), result_sha=pushed)
+    reporter.on_finished(final)
+    Reporter(client, ids).on_finished(final)  # a retry after a restart posts nothing new
+
+    by_sha = {c["head_sha"]: c for c in fake_github.check_runs.values()}
+    assert set(by_sha) == {SHA, pushed}
+    assert by_sha[pushed]["status"] == "completed" and by_sha[pushed]["conclusion"] == "success"
+    assert by_sha[pushed]["output"]["title"] == by_sha[SHA]["output"]["title"]

@@ -20,6 +20,8 @@ ANNOTATION_MESSAGE_MAX = 64 * 1024
 # Beyond this many, annotations only cost write requests (50 per request, 1 s apart).
 ANNOTATIONS_MAX = 200
 CHECK_NAME = "trimo"
+# The completed check run on the commit a run pushed (kind under which its id is kept).
+RESULT_CHECK = "check_run_result"
 PHASES = (
     RunState.QUEUED,
     RunState.PREPARING,
@@ -76,6 +78,9 @@ class RunView:
     state: RunState
     phase: RunState = RunState.QUEUED  # the last phase reached, also once finished
     head_sha: str | None = None  # the check run goes on this commit; none without it
+    # The commit the run pushed and tested, when it differs from head_sha: a completed check run
+    # goes there too, so the branch's pull request shows the result.
+    result_sha: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     elapsed: float | None = None  # seconds
@@ -382,8 +387,27 @@ class Reporter:
             self._client.update_comment(owner, repo, comment_id, body)
         if view.head_sha:
             self._publish_check(owner, repo, view)
+        if view.state.finished and view.result_sha and view.result_sha != view.head_sha:
+            self._publish_result_check(owner, repo, view)
         with self._lock:
             self._last_edit[view.run_id] = self._clock()
+
+    def _publish_result_check(self, owner: str, repo: str, view: RunView) -> None:
+        if self._ids.recall(view.run_id, RESULT_CHECK) is not None:
+            return
+        payload = check_run_payload(view)
+        check_id = self._client.create_check_run(
+            owner,
+            repo,
+            str(view.result_sha),
+            payload["name"],
+            status=payload["status"],
+            conclusion=payload.get("conclusion"),
+            output=payload["output"],
+            details_url=payload.get("details_url"),
+            external_id=f"{payload['external_id']}-result",
+        )
+        self._ids.remember(view.run_id, RESULT_CHECK, check_id)
 
     def _publish_check(self, owner: str, repo: str, view: RunView) -> None:
         # GitHub appends annotations on every update: once completed, the check run is left alone.

@@ -18,7 +18,7 @@ from bot.commands import HELP_TEXT
 from bot.engine import RunContext
 from bot.github.auth import AppAuth
 from bot.github.client import GitHubClient, GitHubError
-from bot.github.reporter import Reporter, RunView
+from bot.github.reporter import RESULT_CHECK, Reporter, RunView
 from bot.intents import (
     ApproveIntent,
     CancelIntent,
@@ -276,7 +276,10 @@ class GitHubService:
 
     def _from_check_run(self, intent: RunIntent) -> tuple[RunIntent, str]:
         """The intent of a check run's "Re-run", and the task of the run it repeats."""
-        run_id = self.store.run_for_posted("check_run", int(intent.check_run_id or 0))
+        check_id = int(intent.check_run_id or 0)
+        run_id = self.store.run_for_posted("check_run", check_id) or self.store.run_for_posted(
+            RESULT_CHECK, check_id
+        )
         if run_id is None:
             raise GitHubError(NOT_A_TRIMO_CHECK.format(check_id=intent.check_run_id))
         previous = self.store.get_run(run_id)
@@ -483,13 +486,15 @@ class GitHubService:
             )
         pr_number = pipeline.pr_number if pipeline.kind == PipelineKind.ISSUE else pipeline.number
         return RunView(
+            head_sha=self._check_sha(run, pipeline),
+            # The commit the tests ran on, when the run pushed one: it gets a check run too.
+            result_sha=run.head_sha if run.commits else None,
             run_id=run.id,
             repo=pipeline.repo,
             number=pipeline.number or 0,
             state=run.state,
             # The check run goes on the commit the run started from (a PR's head when triggered).
             phase=phase,
-            head_sha=run.head_sha or run.base_sha,
             started_at=run.started_at,
             finished_at=run.finished_at,
             elapsed=elapsed,
@@ -508,6 +513,13 @@ class GitHubService:
             superseded_by=run.superseded_by,
             commits=[(c[0], c[1]) for c in (run.report or {}).get("commits", [])],
         )
+
+    def _check_sha(self, run: Run, pipeline: Pipeline) -> str | None:
+        """The commit the run's check run follows from queued to completed: the branch's tip
+        when the run started (a pull request's head when it was triggered)."""
+        if pipeline.kind == PipelineKind.PULL:
+            return run.base_sha or run.head_sha
+        return run.base_sha
 
     def report(self, run: Run) -> None:
         pipeline = self.store.get_pipeline(run.pipeline_id)
