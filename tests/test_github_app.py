@@ -714,3 +714,73 @@ def test_closing_the_issue_cancels_its_live_run(app: App) -> None:
     assert "**Why:** the issue was closed" in app.tracking(run_id)
     assert app.containers(run_id) == []
     assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["cancelled"]
+
+
+# ---- what went wrong, in the report ------------------------------------------------------------
+
+
+def _set_config(app: App, config: str) -> None:
+    """A maintainer pushes a new `.trimo/config.yml` to the default branch."""
+    work = app.remote.parent / "maintainer"
+    subprocess.run(["git", "clone", "-q", str(app.remote), str(work)], check=True)
+    (work / ".trimo" / "config.yml").write_text(config)
+    git(work, "commit", "-qam", "Change Trimo's configuration")
+    git(work, "push", "-q", "origin", "HEAD:main")
+
+
+def test_invalid_config_is_reported_by_field_and_nothing_runs(app: App) -> None:
+    _set_config(app, CONFIG + "resources:\n  memory: lots\n")
+    _label(app, "Anything")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.ERROR
+    body = app.tracking(run_id)
+    assert ".trimo/config.yml: resources.memory" in body
+    assert "512m or 4g" in body  # what would be valid
+    assert app.store.get_run(run_id).container_id is None
+
+
+def test_failing_tests_are_named_with_their_last_lines_and_annotated(app: App) -> None:
+    junit = (
+        '<testsuite name="t"><testcase classname="t" name="test_total" file="shop/cart.py" '
+        'line="12"><failure message="expected 2, got 3">AssertionError</failure></testcase>'
+        '<testcase classname="t" name="test_empty"/></testsuite>'
+    )
+    _set_config(
+        app,
+        CONFIG.split("test:", maxsplit=1)[0]
+        + (
+            "test:\n"
+            "  command: |\n"
+            f"    echo '{junit}' > \"$TRIMO_OUT/junit.xml\"\n"
+            "    echo 'E   AssertionError: expected 2, got 3 ``` not a fence'\n"
+            "    exit 1\n"
+            "  junit: junit.xml\n"
+        ),
+    )
+    issue = _label(app, "Cart totals")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.FAILED
+    body = app.tracking(run_id)
+    assert "1 passed" in body and "1 failed" in body
+    assert "test_total" in body and "expected 2, got 3" in body
+    assert "<summary>Last lines</summary>" in body
+    assert "E   AssertionError: expected 2, got 3 ``` not a fence" in body
+    assert "````" in body  # the fence is longer than any backtick run inside it
+    # The agent's commit is still pushed; its check run says failure and points at the line.
+    pushed = [c for c in app.fake.check_runs.values() if c["conclusion"] == "failure"]
+    assert pushed and all(c["status"] == "completed" for c in pushed)
+    annotated = [
+        r.json
+        for r in app.fake.requests_to("PATCH", r"/check-runs/\d+$")
+        if r.json and r.json.get("output", {}).get("annotations")
+    ]
+    annotated += [
+        r.json
+        for r in app.fake.requests_to("POST", r"/check-runs$")
+        if r.json and r.json.get("output", {}).get("annotations")
+    ]
+    notes = [a for body_ in annotated for a in body_["output"]["annotations"]]
+    assert {(a["path"], a["start_line"]) for a in notes} == {("shop/cart.py", 12)}
+    assert app.comments(issue["number"], "trimo:run=")

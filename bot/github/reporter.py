@@ -22,6 +22,8 @@ ANNOTATIONS_MAX = 200
 CHECK_NAME = "trimo"
 # The completed check run on the commit a run pushed (kind under which its id is kept).
 RESULT_CHECK = "check_run_result"
+TAIL_LINES = 30
+TAIL_LINE_MAX = 300
 PHASES = (
     RunState.QUEUED,
     RunState.PREPARING,
@@ -81,6 +83,8 @@ class RunView:
     # The commit the run pushed and tested, when it differs from head_sha: a completed check run
     # goes there too, so the branch's pull request shows the result.
     result_sha: str | None = None
+    # The last lines of what failed (a build, preboot, the agent or the tests), masked.
+    tail: list[str] = field(default_factory=list)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     elapsed: float | None = None  # seconds
@@ -148,6 +152,20 @@ def _comment(
     lines += ["", _checklist(view), ""]
     if view.reason:
         lines += [f"**Why:** {_clean(view.reason)}", ""]
+    if view.tail:
+        # Fenced so that nothing in the output renders, pings or closes the block early.
+        fence = "`" * max(3, _longest_backtick_run(view.tail) + 1)
+        shown = [_cut(line, TAIL_LINE_MAX) for line in view.tail[-TAIL_LINES:]]
+        lines += [
+            "<details><summary>Last lines</summary>",
+            "",
+            fence,
+            *shown,
+            fence,
+            "",
+            "</details>",
+            "",
+        ]
     if view.superseded_by is not None:
         lines += [SUPERSEDED.format(run_id=view.superseded_by), ""]
     if view.tests is not None:
@@ -257,6 +275,10 @@ def _duration(seconds: float) -> str:
 def _clean(text: str) -> str:
     # Text from the agent or the tests must not pass for Trimo's own marker.
     return _ANY_MARKER.sub("", text)
+
+
+def _longest_backtick_run(lines: list[str]) -> int:
+    return max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
 
 
 def _cut(text: str, limit: int) -> str:

@@ -489,6 +489,7 @@ class GitHubService:
             head_sha=self._check_sha(run, pipeline),
             # The commit the tests ran on, when the run pushed one: it gets a check run too.
             result_sha=run.head_sha if run.commits else None,
+            tail=(run.error or "").splitlines()[-30:] if run.state.finished else [],
             run_id=run.id,
             repo=pipeline.repo,
             number=pipeline.number or 0,
