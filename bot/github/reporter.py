@@ -415,21 +415,25 @@ class Reporter:
             self._last_edit[view.run_id] = self._clock()
 
     def _publish_result_check(self, owner: str, repo: str, view: RunView) -> None:
-        if self._ids.recall(view.run_id, RESULT_CHECK) is not None:
-            return
-        payload = check_run_payload(view)
-        check_id = self._client.create_check_run(
+        if self._ids.recall(view.run_id, RESULT_CHECK) is None:
+            payload = check_run_payload(view)
+            check_id = self._create_check(owner, repo, str(view.result_sha), payload, "-result")
+            self._ids.remember(view.run_id, RESULT_CHECK, check_id)
+
+    def _create_check(
+        self, owner: str, repo: str, sha: str, payload: dict[str, Any], suffix: str = ""
+    ) -> int:
+        return self._client.create_check_run(
             owner,
             repo,
-            str(view.result_sha),
+            sha,
             payload["name"],
             status=payload["status"],
             conclusion=payload.get("conclusion"),
             output=payload["output"],
             details_url=payload.get("details_url"),
-            external_id=f"{payload['external_id']}-result",
+            external_id=payload["external_id"] + suffix,
         )
-        self._ids.remember(view.run_id, RESULT_CHECK, check_id)
 
     def _publish_check(self, owner: str, repo: str, view: RunView) -> None:
         # GitHub appends annotations on every update: once completed, the check run is left alone.
@@ -438,17 +442,7 @@ class Reporter:
         payload = check_run_payload(view)
         check_id = self._ids.recall(view.run_id, "check_run")
         if check_id is None:
-            check_id = self._client.create_check_run(
-                owner,
-                repo,
-                str(view.head_sha),
-                payload["name"],
-                status=payload["status"],
-                conclusion=payload.get("conclusion"),
-                output=payload["output"],
-                details_url=payload.get("details_url"),
-                external_id=payload["external_id"],
-            )
+            check_id = self._create_check(owner, repo, str(view.head_sha), payload)
             self._ids.remember(view.run_id, "check_run", check_id)
         else:
             self._client.update_check_run(
