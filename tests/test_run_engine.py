@@ -185,12 +185,15 @@ def test_failing_preboot_reports_its_last_lines(
 
 
 def test_failed_image_build_ends_the_run_with_its_last_lines(trimo: Trimo, tmp_path: Path) -> None:
-    repo = light_repo(tmp_path / f"build-fails-{os.getpid()}", extra={
-        ".trimo/Dockerfile": (
-            "FROM trimo/base:bookworm\nRUN echo 'fetching toolchain' && echo 'E: no such package "
-            "libfoo-dev' && false\n"
-        ),
-    })
+    repo = light_repo(
+        tmp_path / f"build-fails-{os.getpid()}",
+        extra={
+            ".trimo/Dockerfile": (
+                "FROM trimo/base:bookworm\n"
+                "RUN echo 'fetching toolchain' && echo 'E: no such package libfoo-dev' && false\n"
+            ),
+        },
+    )
     r = trimo("run", "--repo", str(repo), "--task", "Anything", "--agent", "echo AGENT-RAN")
     assert r.returncode == 1
     assert "image build failed" in r.stdout
@@ -354,14 +357,15 @@ def healthy_sample_repo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_five_runs_at_once_each_with_its_own_postgres(trimo: Trimo,
-                                                      healthy_sample_repo: Path) -> None:
+def test_five_runs_at_once_each_with_its_own_postgres(
+    trimo: Trimo, healthy_sample_repo: Path
+) -> None:
     sample_repo = healthy_sample_repo
     agent = (
-        "psql \"$DATABASE_URL\" -qAt -c \"CREATE TABLE IF NOT EXISTS mark(v text); "
+        'psql "$DATABASE_URL" -qAt -c "CREATE TABLE IF NOT EXISTS mark(v text); '
         "INSERT INTO mark VALUES ('$TRIMO_RUN_ID')\" && "
-        "seen=$(psql \"$DATABASE_URL\" -qAt -c \"SELECT count(*) || '/' || min(v) FROM mark\") "
-        "&& test \"$seen\" = \"1/$TRIMO_RUN_ID\" && echo \"only-mine:$TRIMO_RUN_ID\" > mine.txt"
+        'seen=$(psql "$DATABASE_URL" -qAt -c "SELECT count(*) || \'/\' || min(v) FROM mark") '
+        '&& test "$seen" = "1/$TRIMO_RUN_ID" && echo "only-mine:$TRIMO_RUN_ID" > mine.txt'
     )
     # Warm the image once so the five measure dispatch, not one build five times.
     trimo("image", "build", str(sample_repo / ".trimo"))
@@ -382,3 +386,30 @@ def test_five_runs_at_once_each_with_its_own_postgres(trimo: Trimo,
         seen_branches.add(branch)
         assert git(sample_repo, "show", f"{branch}:mine.txt") == f"only-mine:{run.id}"
     assert len(seen_branches) == 5
+
+
+def test_logs_follow_streams_until_the_run_ends(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / "repo")
+    proc = trimo.popen(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Talk",
+        "--agent",
+        "echo step-one; sleep 3; echo step-two",
+    )
+    try:
+        wait_for_state(trimo.store(), 1, RunState.AGENT)
+        follow = trimo("runs", "logs", "1", "--follow", timeout=120)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert follow.returncode == 0, follow.stderr
+    out = follow.stdout
+    assert out.index("step-one") < out.index("step-two")
+    assert "state: succeeded" in out  # it followed to the end
+    shown = trimo("runs", "show", "1")
+    assert "state:" in shown.stdout and "succeeded" in shown.stdout
+    listed = trimo("runs", "ls")
+    assert "succeeded" in listed.stdout and "trimo/1-talk" in listed.stdout
