@@ -784,3 +784,29 @@ def test_failing_tests_are_named_with_their_last_lines_and_annotated(app: App) -
     notes = [a for body_ in annotated for a in body_["output"]["annotations"]]
     assert {(a["path"], a["start_line"]) for a in notes} == {("shop/cart.py", 12)}
     assert app.comments(issue["number"], "trimo:run=")
+
+
+# ---- installations -----------------------------------------------------------------------------
+
+
+def test_installation_events_record_installations_and_their_repositories(app: App) -> None:
+    created = payload("installation.created.json")
+    added = payload("installation_repositories.added.json")
+    assert app.deliver("installation", created).status_code == 202
+    assert app.deliver("installation_repositories", added).status_code == 202
+    app.settle()
+    assert app.store.installation_for_repo("Codertocat/Hello-World") == 957387
+    assert app.store.installation_for_repo("Codertocat/Space") == 957387
+    assert app.store.installation_for_repo("someone/else") is None
+
+    # The real `deleted` example is another installation (2): nothing of 957387 is touched.
+    assert app.deliver("installation", payload("installation.deleted.json")).status_code == 202
+    app.settle()
+    assert app.store.installation_for_repo("Codertocat/Hello-World") == 957387
+    # Derived from it: the App uninstalled from Codertocat.
+    gone = copy.deepcopy(payload("installation.deleted.json"))
+    gone["installation"] = created["installation"]
+    assert app.deliver("installation", gone).status_code == 202
+    app.settle()
+    assert app.store.installation_for_repo("Codertocat/Hello-World") is None
+    assert not app.fake.requests  # nothing of this needed GitHub's API
