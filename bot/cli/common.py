@@ -79,3 +79,22 @@ def open_app(settings_path: Path | None = None, need_engine: bool = False) -> Ap
     for line in reap(store, runtime):
         click.echo(f"trimo: {line}", err=True)
     return App(settings, store, runtime)
+
+
+def reap_quietly() -> None:
+    """The reaper, for commands that need no store themselves: any `trimo` command finishes
+    what a killed one left. Without valid settings or an engine there is nothing to do here."""
+    try:
+        settings = Settings.load()
+        store = Store(settings.database_url)
+    except Exception:  # noqa: BLE001 - the command itself reports bad settings if it needs them
+        return
+    try:
+        runtime = open_runtime(settings)
+    except click.ClickException:
+        runtime = None
+    try:
+        for line in reap(store, runtime):
+            click.echo(f"trimo: {line}", err=True)
+    finally:
+        store.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import docker
 
+from bot.cli.common import reap_quietly
 from bot.errors import ImageBuildError, TrimoError
 from bot.images import bootstrap_debian, build_image, ensure_base, list_images
 
@@ -32,6 +33,7 @@ def _client() -> docker.DockerClient:
 @click.group()
 def image() -> None:
     """Build and list development images."""
+    reap_quietly()
 
 
 @image.command("build")
