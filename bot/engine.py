@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -141,7 +142,7 @@ class Engine:
                 outcome = self._finish(run, checkout, config, outcome, out_dir, masker, obs)
             finally:
                 if out_dir is not None:
-                    _rmtree(out_dir)
+                    shutil.rmtree(out_dir, ignore_errors=True)
         except ConfigError as exc:
             outcome = _Outcome(RunState.ERROR, f"invalid configuration: {exc}")
         except ImageBuildError as exc:
@@ -469,7 +470,3 @@ def _project_name(checkout: Checkout) -> str:
     return checkout.mirror.name.removesuffix(".git").rsplit("-", 1)[0]
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
