@@ -38,6 +38,15 @@ FINISHED = frozenset(
         RunState.REJECTED,
     }
 )
+# The phases a run goes through, in order (what progress displays show).
+PHASES = (
+    RunState.QUEUED,
+    RunState.PREPARING,
+    RunState.BOOTING,
+    RunState.AGENT,
+    RunState.TESTING,
+    RunState.PUBLISHING,
+)
 # States in which a worker owns the run and a container may exist.
 ACTIVE = frozenset(
     {

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import shared_dir
+from tests.github_fake import app_private_key
 
 SECRET = "serve-test-secret"
 
@@ -30,12 +29,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pem() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
-
-
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
     env.update({"TRIMO_DATA_DIR": str(tmp_path / "data"), **extra})
@@ -43,17 +36,27 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_serve_refuses_to_start_without_the_app_id(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "bot", "serve"], env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bot", "serve"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "TRIMO_APP_ID" in r.stderr
 
 
 def test_serve_refuses_a_broken_private_key(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "bot", "serve"], capture_output=True, text=True,
-                       timeout=60, env=_env(tmp_path, TRIMO_APP_ID="1",
-                                            TRIMO_PRIVATE_KEY="not a key",
-                                            TRIMO_WEBHOOK_SECRET=SECRET))
+    r = subprocess.run(
+        [sys.executable, "-m", "bot", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(
+            tmp_path, TRIMO_APP_ID="1", TRIMO_PRIVATE_KEY="not a key", TRIMO_WEBHOOK_SECRET=SECRET
+        ),
+    )
     assert r.returncode != 0
     assert "TRIMO_PRIVATE_KEY" in r.stderr and "not a key" not in r.stderr
 
@@ -61,10 +64,20 @@ def test_serve_refuses_a_broken_private_key(tmp_path: Path) -> None:
 @pytest.mark.docker
 def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_image: str) -> None:
     port = _free_port()
-    env = _env(tmp_path, TRIMO_APP_ID="1", TRIMO_PRIVATE_KEY=_pem(), TRIMO_WEBHOOK_SECRET=SECRET,
-               TRIMO_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, "-m", "bot", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = _env(
+        tmp_path,
+        TRIMO_APP_ID="1",
+        TRIMO_PRIVATE_KEY=app_private_key(),
+        TRIMO_WEBHOOK_SECRET=SECRET,
+        TRIMO_PORT=str(port),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     worker_up = threading.Event()
 
@@ -90,13 +103,21 @@ def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_im
             raise AssertionError("trimo serve did not come up")
         body = (shared_dir() / "github" / "webhooks" / "ping.json").read_bytes()
         sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        headers = {"Content-Type": "application/json", "X-GitHub-Event": "ping",
-                   "X-GitHub-Delivery": "serve-ping-1", "X-Hub-Signature-256": sig}
+        headers = {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "ping",
+            "X-GitHub-Delivery": "serve-ping-1",
+            "X-Hub-Signature-256": sig,
+        }
         r = requests.post(f"{url}/webhooks/github", data=body, headers=headers, timeout=5)
         assert r.status_code == 200 and "zen" in r.json()
         headers["X-Hub-Signature-256"] = "sha256=" + "0" * 64
-        assert requests.post(f"{url}/webhooks/github", data=body, headers=headers,
-                             timeout=5).status_code == 401
+        assert (
+            requests.post(
+                f"{url}/webhooks/github", data=body, headers=headers, timeout=5
+            ).status_code
+            == 401
+        )
         assert json.loads(requests.get(f"{url}/healthz", timeout=5).text)["status"] == "ok"
         assert worker_up.wait(60), "".join(lines)  # the worker runs beside the receiver
         assert len(_processes_with(f"TRIMO_PORT={port}")) >= 3  # server, http worker, worker

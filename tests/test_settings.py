@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bot.errors import SettingsError
 from bot.settings import Settings
+from tests.github_fake import app_private_key
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "settings.example.toml"
 
@@ -24,15 +25,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     yield
-
-
-def _rsa_pem() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
 
 
 def _ec_pem() -> str:
@@ -101,7 +93,7 @@ def test_secret_lookup_order(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_secrets_never_appear_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
-    pem = _rsa_pem()
+    pem = app_private_key()
     monkeypatch.setenv("TRIMO_PRIVATE_KEY", pem)
     monkeypatch.setenv("TRIMO_WEBHOOK_SECRET", "whsec-visible-if-leaked")
     monkeypatch.setenv("TRIMO_SECRETS", '{"K": "value-visible-if-leaked"}')
@@ -123,7 +115,7 @@ def test_require_github_names_each_missing_setting(
     with pytest.raises(SettingsError, match=r"^TRIMO_PRIVATE_KEY_PATH \(or TRIMO_PRIVATE_KEY\)"):
         Settings.load().require_github()
     key = tmp_path / "app.pem"
-    key.write_text(_rsa_pem())
+    key.write_text(app_private_key())
     monkeypatch.setenv("TRIMO_PRIVATE_KEY_PATH", str(key))
     Settings.load().require_github(webhooks=False)
     with pytest.raises(SettingsError, match=r"^TRIMO_WEBHOOK_SECRET is not set"):
@@ -152,7 +144,7 @@ def test_a_wrong_private_key_is_refused_at_load_without_showing_it(
 def test_an_escaped_newline_key_from_the_environment_is_accepted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("TRIMO_PRIVATE_KEY", _rsa_pem().replace("\n", "\\n"))
+    monkeypatch.setenv("TRIMO_PRIVATE_KEY", app_private_key().replace("\n", "\\n"))
     assert (Settings.load().private_key_pem() or "").startswith("-----BEGIN PRIVATE KEY-----\n")
 
 

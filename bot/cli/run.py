@@ -17,12 +17,11 @@ from rich.text import Text
 
 from bot.cli.common import open_app
 from bot.engine import RunContext
-from bot.states import PipelineKind, RunState
+from bot.states import PHASES, PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import dispatch
 from bot.workspace import Remote
 
-PHASES = ["queued", "preparing", "booting", "agent", "testing", "publishing"]
 OUTCOME_STYLE = {
     RunState.SUCCEEDED: "bold green",
     RunState.FAILED: "bold red",
@@ -76,11 +75,11 @@ class TerminalProgress:
     def _render(self) -> Group:
         with self._lock:
             steps = Text()
-            current = PHASES.index(self.state.value) if self.state.value in PHASES else len(PHASES)
-            for i, name in enumerate(PHASES):
+            current = PHASES.index(self.state) if self.state in PHASES else len(PHASES)
+            for i, phase in enumerate(PHASES):
                 style = "green" if i < current else ("bold cyan" if i == current else "dim")
                 mark = "✓" if i < current else ("▶" if i == current else "·")
-                steps.append(f"{mark} {name}  ", style=style)
+                steps.append(f"{mark} {phase.value}  ", style=style)
             head = Text(f"run {self.run_id}  {self._elapsed()}  ", style="bold")
             head.append(
                 f"({time.monotonic() - self.phase_started:.0f}s in {self.state.value})", style="dim"

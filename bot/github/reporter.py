@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from bot.github.client import GitHubClient
 from bot.junit import TestReport
-from bot.states import RunState
+from bot.states import PHASES, RunState
 
 COMMENT_MAX = 65536
 CHECK_TEXT_MAX = 65535
@@ -24,14 +24,6 @@ CHECK_NAME = "trimo"
 RESULT_CHECK = "check_run_result"
 TAIL_LINES = 30
 TAIL_LINE_MAX = 300
-PHASES = (
-    RunState.QUEUED,
-    RunState.PREPARING,
-    RunState.BOOTING,
-    RunState.AGENT,
-    RunState.TESTING,
-    RunState.PUBLISHING,
-)
 
 MARKER = "<!-- trimo:run={run_id} -->"
 LIVE_HEADING = "### {icon} Trimo run #{run_id}: {phase}"

@@ -30,7 +30,7 @@ from bot.intents import (
 )
 from bot.junit import TestReport
 from bot.settings import Settings
-from bot.states import PipelineKind, RunState
+from bot.states import PHASES, PipelineKind, RunState
 from bot.store import Delivery, Pipeline, Run, Store
 from bot.worker import dispatch
 from bot.workspace import Remote
@@ -465,7 +465,7 @@ class GitHubService:
                 (
                     RunState(e.message)
                     for e in reversed(self.store.events(run.id, kinds=["state"]))
-                    if e.message in _PHASES
+                    if e.message in PHASES
                 ),
                 RunState.QUEUED,
             )
@@ -560,19 +560,6 @@ class GitHubService:
 
     def observer_for(self, run: Run) -> _ReportObserver:
         return _ReportObserver(self)
-
-
-_PHASES = {
-    s.value
-    for s in (
-        RunState.QUEUED,
-        RunState.PREPARING,
-        RunState.BOOTING,
-        RunState.AGENT,
-        RunState.TESTING,
-        RunState.PUBLISHING,
-    )
-}
 
 
 def load_intents_list(raw: list[Any]) -> list[Any]:
