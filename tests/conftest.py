@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path:
-    """The team's shared/ folder: `../shared` from the repository root, or TRIMO_SHARED_DIR."""
-    return Path(os.environ.get("TRIMO_SHARED_DIR") or REPO_ROOT.parent / "shared")
+    """The team's shared/ folder: TRIMO_SHARED_DIR, else `../shared` from the repository root
+    (where CI puts it), else beside the local repository this checkout was cloned from."""
+    override = os.environ.get("TRIMO_SHARED_DIR")
+    if override:
+        return Path(override)
+    beside = REPO_ROOT.parent / "shared"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        return Path(origin).resolve().parent / "shared"
+    return beside
 
 
 KEEP_IMAGES = {BASE_IMAGE, "debian:bookworm"}

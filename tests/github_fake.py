@@ -14,7 +14,6 @@ import base64
 import hashlib
 import itertools
 import json
-import os
 import re
 import secrets
 import threading
@@ -23,7 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
@@ -36,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
+
+from tests.conftest import shared_dir
 
 SPEC_SERVER = "https://api.github.com"
 BOT_LOGIN = "trimo[bot]"
@@ -54,14 +54,6 @@ STRAY_REQUEST = "{method} {url}: sent to api.github.com while the fake serves an
 
 Json = dict[str, Any]
 Reply = tuple[int, dict[str, str], str]
-
-
-def shared_dir() -> Path:
-    """`<repo>/../shared`, or `$TRIMO_SHARED_DIR`: CI clones the repository beside shared/."""
-    override = os.environ.get("TRIMO_SHARED_DIR")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @cache

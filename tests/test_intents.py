@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,13 +21,9 @@ from bot.intents import (
     load_intents,
 )
 from bot.states import PipelineKind, RunMode
+from tests.conftest import shared_dir
 from webhooks.event import Delivery, PayloadError, Rules
 from webhooks.router import route
-
-
-def shared_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared"
-    return Path(os.environ.get("TRIMO_SHARED_DIR", default))
 
 
 def payload(name: str) -> dict[str, Any]:

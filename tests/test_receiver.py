@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import sqlite3
 import threading
@@ -22,15 +21,12 @@ from werkzeug.serving import make_server
 
 from bot.intents import RunIntent, load_intents
 from bot.settings import Settings
+from tests.conftest import shared_dir
 from webhooks.app import create_app
 from webhooks.signature import sign
 
 SECRET = "It's a Secret to Everybody"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("TRIMO_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
 PAYLOADS = sorted((shared_dir() / "github" / "webhooks").glob("*.json"))

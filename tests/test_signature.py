@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
+from tests.conftest import shared_dir
 from webhooks.signature import secret_bytes, sign, verify
-
-
-def shared_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared"
-    return Path(os.environ.get("TRIMO_SHARED_DIR", default))
 
 
 @pytest.fixture(scope="module")
