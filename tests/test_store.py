@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from bot.errors import NoSuchRunError
 from bot.states import PipelineKind, RunMode, RunState
-from bot.store import MIGRATIONS_DIR, Base, Pipeline, Store
+from bot.store import MIGRATIONS_DIR, Base, Pipeline, Store, schema_objects_of
 
 POSTGRES_URL = os.environ.get("TRIMO_TEST_POSTGRES_URL")
 BACKENDS = [
@@ -101,7 +101,10 @@ def test_a_fresh_database_is_migrated_to_head_and_reopening_is_a_no_op(store_url
 
 def test_the_migrations_create_exactly_the_schema_the_models_describe(store: Store) -> None:
     with store.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        context = MigrationContext.configure(
+            conn, opts={"include_object": schema_objects_of(conn.dialect.name)}
+        )
+        diff = compare_metadata(context, Base.metadata)
     assert diff == []
 
 
@@ -352,6 +355,43 @@ def test_deliveries_are_claimed_oldest_first_and_finished(store: Store) -> None:
     assert store.pending_deliveries() == 1
     third = store.claim_delivery()
     assert third is not None and third.delivery_id == "d-2"
+
+
+def test_a_delivery_taken_by_a_worker_that_died_is_claimed_again_below_newer_ones(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(3):
+        store.record_delivery(f"d-{i}", "issues", "labeled", f"[{i}]")
+    abandoned = store.claim_delivery()  # its worker dies before finishing it
+    assert abandoned is not None and abandoned.delivery_id == "d-0"
+    for expected in ("d-1", "d-2"):
+        delivery = store.claim_delivery()
+        assert delivery is not None and delivery.delivery_id == expected
+        store.finish_delivery(expected)
+    assert store.claim_delivery() is None
+    assert store.pending_deliveries() == 1
+    monkeypatch.setattr("bot.store.DELIVERY_RETAKE_AFTER", timedelta(0))
+    again = store.claim_delivery()
+    assert again is not None and again.delivery_id == "d-0"
+
+
+def test_deliveries_recorded_after_all_were_processed_are_claimed_in_order(
+    store_url: str,
+) -> None:
+    with Store(store_url) as worker, Store(store_url) as receiver:
+        for i in range(3):
+            receiver.record_delivery(f"d-{i}", "issues", "labeled", f"[{i}]")
+        while (delivery := worker.claim_delivery()) is not None:
+            worker.finish_delivery(delivery.delivery_id)
+        assert worker.claim_delivery() is None
+        for i in range(3, 6):
+            receiver.record_delivery(f"d-{i}", "issues", "labeled", f"[{i}]")
+        claimed = []
+        while (delivery := worker.claim_delivery()) is not None:
+            claimed.append(delivery.delivery_id)
+            worker.finish_delivery(delivery.delivery_id)
+        assert claimed == ["d-3", "d-4", "d-5"]
+        assert worker.pending_deliveries() == 0
 
 
 def test_concurrent_delivery_claimers_each_get_distinct_deliveries(store_url: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from bot.store import Base
+from bot.store import Base, schema_objects_of
 
 # A PostgreSQL-wide lock key, so two processes starting at once do not migrate concurrently.
 MIGRATION_LOCK_KEY = 7_316_605
@@ -17,6 +17,7 @@ context.configure(
     # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
+    include_object=schema_objects_of(connection.dialect.name),
 )
 with context.begin_transaction():
     if connection.dialect.name == "postgresql":
