@@ -51,6 +51,9 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # A delivery taken by a process that died is handed out again after this long.
 DELIVERY_RETAKE_AFTER = timedelta(minutes=10)
+# How long a processed delivery's id is kept to recognise a redelivery: GitHub redelivers
+# (automatically or when asked) within 3 days.
+DELIVERY_KEEP = timedelta(days=7)
 
 NO_SUCH_RUN = "no run with id {run_id}"
 NO_SUCH_PIPELINE = "no pipeline with id {pipeline_id}"
@@ -786,6 +789,23 @@ class Store:
                 .where(DeliveryRecord.delivery_id == delivery_id)
                 .values(processed_at=utcnow(), error=error)
             )
+
+    def prune_deliveries(self, older_than: timedelta = DELIVERY_KEEP) -> int:
+        """Forget deliveries processed longer ago than `older_than`; returns how many.
+
+        A delivery id is kept as long as GitHub may redeliver it; after that, the row is only
+        weight. The newest row always stays: SQLite numbers the next row after the largest id
+        there, and claims rely on ids only ever growing.
+        """
+        cutoff = utcnow() - older_than
+        newest = select(func.max(DeliveryRecord.id)).scalar_subquery()
+        with self._write() as s:
+            result = s.execute(
+                delete(DeliveryRecord).where(
+                    DeliveryRecord.processed_at < cutoff, DeliveryRecord.id < newest
+                )
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
     def pending_deliveries(self) -> int:
         with self._read() as s:

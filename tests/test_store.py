@@ -394,6 +394,23 @@ def test_deliveries_recorded_after_all_were_processed_are_claimed_in_order(
         assert worker.pending_deliveries() == 0
 
 
+def test_old_processed_deliveries_are_pruned_but_pending_and_newest_kept(store: Store) -> None:
+    for i in range(4):
+        store.record_delivery(f"d-{i}", "issues", "labeled", f"[{i}]")
+    for _ in range(3):
+        delivery = store.claim_delivery()
+        assert delivery is not None
+        store.finish_delivery(delivery.delivery_id)
+    store.record_delivery("d-ignored", "ping", None, "[]")  # processed on arrival, newest
+    assert store.prune_deliveries(timedelta(days=1)) == 0  # nothing old enough yet
+    assert store.prune_deliveries(timedelta(0)) == 3
+    assert store.record_delivery("d-0", "issues", "labeled", "[0]") is True  # forgotten
+    assert store.record_delivery("d-ignored", "ping", None, "[]") is False  # newest kept
+    assert store.record_delivery("d-3", "issues", "labeled", "[3]") is False  # still pending
+    claimed = [store.claim_delivery(), store.claim_delivery()]
+    assert [d.delivery_id for d in claimed if d] == ["d-3", "d-0"]
+
+
 def test_concurrent_delivery_claimers_each_get_distinct_deliveries(store_url: str) -> None:
     stores = [Store(store_url), Store(store_url)]
     try:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from bot.engine import RunContext
 from bot.errors import SettingsError
 from bot.settings import Settings
 from bot.states import PipelineKind
-from bot.store import Run, Store
+from bot.store import DELIVERY_KEEP, Run, Store
 from bot.workspace import Remote
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ DEFAULT_HTTP_WORKERS = 1
 
 log = logging.getLogger(__name__)
 DELIVERY_POLL_SECONDS = 0.5
+# Deliveries processed longer ago than DELIVERY_KEEP are forgotten this often.
+DELIVERY_PRUNE_SECONDS = 3600
 
 
 def _auth(settings: Settings) -> AppAuth:
@@ -86,8 +89,13 @@ def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
 
 
 def _deliveries(service: GitHubService, stop: threading.Event) -> None:
+    pruned_at = 0.0
     while not stop.is_set():
         try:
+            if time.monotonic() - pruned_at > DELIVERY_PRUNE_SECONDS:
+                pruned_at = time.monotonic()
+                if pruned := service.store.prune_deliveries():
+                    log.info("forgot %d deliveries processed over %s ago", pruned, DELIVERY_KEEP)
             if service.process_pending() == 0:
                 stop.wait(DELIVERY_POLL_SECONDS)
         except Exception:
@@ -107,8 +115,12 @@ def worker(settings_path: Path | None) -> None:
 
 @click.command("serve")
 @settings_option
-@click.option("--http-workers", default=DEFAULT_HTTP_WORKERS, show_default=True,
-              help="Processes answering webhooks (one is fastest on a small machine).")
+@click.option(
+    "--http-workers",
+    default=DEFAULT_HTTP_WORKERS,
+    show_default=True,
+    help="Processes answering webhooks (one is fastest on a small machine).",
+)
 def serve(settings_path: Path | None, http_workers: int) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
     from webhooks.app import create_app
