@@ -468,5 +468,3 @@ def _task_text(run: Run) -> str:
 def _project_name(checkout: Checkout) -> str:
     # Mirrors are named `<repository>-<hash8>.git`: the repository's name is what people know.
     return checkout.mirror.name.removesuffix(".git").rsplit("-", 1)[0]
-
-

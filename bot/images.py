@@ -218,8 +218,11 @@ def list_images(client: docker.DockerClient) -> list[dict[str, object]]:
         rows.append(
             {
                 "id": str(img["Id"]).removeprefix("sha256:")[:12],
-                "tags": [t for t in img.get("RepoTags") or []
-                         if t != "<none>:<none>" and not t.startswith(HASH_REPO + ":")],
+                "tags": [
+                    t
+                    for t in img.get("RepoTags") or []
+                    if t != "<none>:<none>" and not t.startswith(HASH_REPO + ":")
+                ],
                 "context_hash": labels.get(LABEL_HASH, "")[:12],
                 "size": int(img.get("Size", 0)),
                 "created": int(img.get("Created", 0)),

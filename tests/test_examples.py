@@ -123,8 +123,7 @@ def run_example(
     agent_command: str,
     test_command: str,
 ) -> RunnerResult:
-    return run_runner(runtime, image, repo, agent_command=agent_command,
-                      test_command=test_command)
+    return run_runner(runtime, image, repo, agent_command=agent_command, test_command=test_command)
 
 
 def junit_cases(result: RunnerResult) -> dict[str, junitparser.TestCase]:

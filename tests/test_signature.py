@@ -51,6 +51,12 @@ def test_any_configured_secret_may_sign(vector: dict[str, Any]) -> None:
         "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
         "sha256=",
         "sha256=757107EA0EB2509FC211221CCE984B8A37570B6D7586C22C46F4379C8B043E17",
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17 ",
+        "sha256=75 71 07 ea 0e b2 50 9f c2 11 22 1c ce 98 4b 8a 37 57 0b 6d 75 86 c2 2c 46 f4 37 9c"
+        " 8b 04 3e 17",
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e1",
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e1700",
+        "sha256=zz",
         "sha256=ünïcode",
     ],
 )

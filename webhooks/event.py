@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import ErrorDetails
+
+# How many of pydantic's errors a PayloadError names; a long list of bad items says no more.
+MAX_SHAPE_ERRORS = 3
 
 
 class PayloadError(ValueError):
     """A signed payload lacks a field its event must have; the delivery is answered with 400."""
+
+
+def shape_detail(errors: Sequence[ErrorDetails]) -> str:
+    """pydantic's errors as "issue.number: Field required", the first few of them."""
+    parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:MAX_SHAPE_ERRORS]]
+    if len(errors) > MAX_SHAPE_ERRORS:
+        parts.append(f"and {len(errors) - MAX_SHAPE_ERRORS} more")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from bot.intents import Intent
 from webhooks import check_run, comments, installation, issues, pull_request
-from webhooks.event import Delivery, PayloadError, Rules
+from webhooks.event import Delivery, PayloadError, Rules, shape_detail
 
 Handler = Callable[[Delivery, Rules], list[Intent]]
 
@@ -40,7 +40,12 @@ def handles(event: str, action: str | None) -> bool:
 
 
 def route(delivery: Delivery, rules: Rules) -> list[Intent]:
-    """The intents of a delivery; raises PayloadError when a field its event must have is wrong."""
+    """The intents of a delivery; raises PayloadError when a field its event must have is wrong.
+
+    A payload the receiver decoded was checked against its event's schema already (in
+    webhooks/payloads.py, which names the field); what is caught here is a safety net for a field
+    a schema misses.
+    """
     handler = HANDLERS.get((delivery.event, delivery.action))
     if handler is None:
         return []
@@ -51,7 +56,7 @@ def route(delivery: Delivery, rules: Rules) -> list[Intent]:
     except (TypeError, AttributeError, IndexError) as exc:
         detail = f"a field has the wrong type ({exc})"
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        detail = shape_detail(exc.errors(include_url=False, include_input=False))
     raise PayloadError(
         PAYLOAD_SHAPE.format(event=delivery.event, action=delivery.action, detail=detail)
     )
