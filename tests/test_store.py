@@ -411,6 +411,40 @@ def test_old_processed_deliveries_are_pruned_but_pending_and_newest_kept(store: 
     assert [d.delivery_id for d in claimed if d] == ["d-3", "d-0"]
 
 
+def _wal_restarts(wal: Path) -> int:
+    """The WAL header's checkpoint sequence number, one more each time the WAL starts over."""
+    with wal.open("rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+def test_under_sustained_deliveries_the_wal_starts_over_instead_of_growing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small thresholds, and SQLite's own checkpoint too far away to be what keeps it bounded.
+    monkeypatch.setattr("bot.store.CHECKPOINT_RESTART_PAGES", 300)
+    monkeypatch.setattr("bot.store.CHECKPOINT_REMAINDER_PAGES", 50)
+    monkeypatch.setattr("bot.store.CHECKPOINT_BACKSTOP_PAGES", 1_000_000)
+    wal = tmp_path / "trimo.db-wal"
+    intents = json.dumps([{"body": "x" * 1300}])
+    # Nothing but the checkpoint thread copies the WAL here, and a WAL starts over only once all
+    # of it was copied: each restart is the thread's doing, and what keeps the WAL bounded.
+    with Store(Store.sqlite_url(tmp_path)) as store:
+        store.record_delivery("first", "issues", "labeled", intents)
+        restarts = _wal_restarts(wal)
+        written = 1
+        deadline = time.monotonic() + 60
+        # Every delivery appends a few 4 KB pages; write without a pause until the WAL has
+        # started over a few times.
+        while _wal_restarts(wal) < restarts + 3 and time.monotonic() < deadline:
+            for _ in range(100):
+                store.record_delivery(str(uuid.uuid4()), "issues", "labeled", intents)
+            written += 100
+        assert _wal_restarts(wal) >= restarts + 3, f"the WAL never started over in {written}"
+        assert store.pending_deliveries() == written
+        assert any(t.name == "trimo-checkpoint" for t in threading.enumerate())
+    assert not any(t.name == "trimo-checkpoint" for t in threading.enumerate())
+
+
 def test_concurrent_delivery_claimers_each_get_distinct_deliveries(store_url: str) -> None:
     stores = [Store(store_url), Store(store_url)]
     try:
