@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from bot.intents import load_intents
 from tests.conftest import shared_dir
 from tests.test_receiver import SECRET, MemoryStore, make_settings
 from webhooks.app import create_app
@@ -289,6 +290,16 @@ def test_a_body_is_json_exactly_when_json_loads_accepts_it(
             400,
             {"error": "the body is not a JSON object"},
         )
+
+
+def test_a_lone_surrogate_in_an_issue_title_is_queued_and_read_back(client: Any) -> None:
+    body = json.loads((shared_dir() / "github" / "webhooks" / "issues.labeled.json").read_bytes())
+    body["issue"]["title"] = "broken \ud800 title"
+    reply = post(client, "issues", json.dumps(body).encode())  # as "\ud800", valid JSON
+    assert (reply.status_code, reply.get_json()) == (202, {"status": "queued", "intents": 1})
+    ((_event, _action, stored),) = client[1].deliveries.values()
+    (intent,) = load_intents(stored)
+    assert intent.title == "broken \ud800 title"
 
 
 @pytest.mark.parametrize("event", ["issues", "push", "ping"])

@@ -7,7 +7,6 @@ reach the configured minimum, or the run is `rejected` with one comment saying w
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -26,7 +25,7 @@ from bot.intents import (
     InstallationIntent,
     RunIntent,
     StatusIntent,
-    load_intents,
+    intents_from,
 )
 from bot.junit import TestReport
 from bot.settings import Settings
@@ -154,7 +153,7 @@ class GitHubService:
     def process(self, delivery: Delivery) -> None:
         error = None
         try:
-            for intent in load_intents_list(delivery.intents):
+            for intent in intents_from(delivery.intents):
                 self.handle(intent)
         except Exception as exc:
             log.exception("delivery %s failed", delivery.delivery_id)
@@ -560,10 +559,6 @@ class GitHubService:
 
     def observer_for(self, run: Run) -> _ReportObserver:
         return _ReportObserver(self)
-
-
-def load_intents_list(raw: list[Any]) -> list[Any]:
-    return load_intents(json.dumps(raw))
 
 
 class _ReportObserver:
