@@ -1125,6 +1125,8 @@ class _DeliveryWriter:
             # Checkpoints are the checkpoint thread's; SQLite's own stays only as a bound.
             conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_BACKSTOP_PAGES}")
             self.checkpointer = _Checkpointer(str(cargs[0]))
+            # A store dropped without close() must not leave its thread behind.
+            weakref.finalize(self, self.checkpointer.stopping.set)
         else:
             conn = self.engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
             conn.autocommit = True

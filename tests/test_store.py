@@ -428,8 +428,14 @@ def test_under_sustained_deliveries_the_wal_starts_over_instead_of_growing(
     intents = json.dumps([{"body": "x" * 1300}])
     # Nothing but the checkpoint thread copies the WAL here, and a WAL starts over only once all
     # of it was copied: each restart is the thread's doing, and what keeps the WAL bounded.
+    threads_before = set(threading.enumerate())
     with Store(Store.sqlite_url(tmp_path)) as store:
         store.record_delivery("first", "issues", "labeled", intents)
+        (checkpointer,) = (
+            t
+            for t in threading.enumerate()
+            if t.name == "trimo-checkpoint" and t not in threads_before
+        )
         restarts = _wal_restarts(wal)
         written = 1
         deadline = time.monotonic() + 60
@@ -441,8 +447,8 @@ def test_under_sustained_deliveries_the_wal_starts_over_instead_of_growing(
             written += 100
         assert _wal_restarts(wal) >= restarts + 3, f"the WAL never started over in {written}"
         assert store.pending_deliveries() == written
-        assert any(t.name == "trimo-checkpoint" for t in threading.enumerate())
-    assert not any(t.name == "trimo-checkpoint" for t in threading.enumerate())
+        assert checkpointer.is_alive()
+    assert not checkpointer.is_alive()  # closing the store stops its thread
 
 
 def test_concurrent_delivery_claimers_each_get_distinct_deliveries(store_url: str) -> None:
