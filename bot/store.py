@@ -1144,9 +1144,10 @@ class _Checkpointer:
     """Copies the delivery writer's WAL into the database file from a thread of its own.
 
     SQLite checkpoints in the connection that commits, once the WAL holds 1000 pages: there,
-    every few hundred webhook requests one waited for the copy and two fsyncs (3-5 ms), about a
-    third of the request thread's time under load. Here a thread runs PASSIVE checkpoints,
-    which never block a writer, on a connection of its own (sqlite3 releases the GIL meanwhile).
+    every few hundred webhook requests one waited for the copy and two fsyncs (3-13 ms, longer
+    as the database grows), about a third of the request thread's time under load. Here a
+    thread runs PASSIVE checkpoints, which never block a writer, on a connection of its own
+    (sqlite3 releases the GIL meanwhile).
 
     A WAL only starts over from its beginning when a writer finds every frame copied, which a
     thread copying behind a busy writer never achieves: the WAL would grow without end. So once
