@@ -8,6 +8,9 @@ from typing import Any
 
 from pydantic_core import ErrorDetails
 
+from bot.intents import CancelIntent, CancelReason
+from bot.states import PipelineKind
+
 # How many of pydantic's errors a PayloadError names; a long list of bad items says no more.
 MAX_SHAPE_ERRORS = 3
 
@@ -67,3 +70,16 @@ class Delivery:
 def same_label(label: Any, name: str) -> bool:
     """Whether the delivery's label is `name`; GitHub label names ignore case."""
     return isinstance(label, dict) and str(label.get("name", "")).casefold() == name.casefold()
+
+
+def cancel_intent(
+    delivery: Delivery, kind: PipelineKind, subject: str, reason: CancelReason
+) -> CancelIntent:
+    """Cancel the live run of the issue or pull request under `payload[subject]`."""
+    return CancelIntent(
+        **delivery.origin(),
+        repo=delivery.repo(),
+        kind=kind,
+        number=delivery.payload[subject]["number"],
+        reason=reason,
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bot.intents import CancelIntent, CancelReason, Intent, RunIntent
+from bot.intents import Intent, RunIntent
 from bot.states import PipelineKind
-from webhooks.event import Delivery, Rules, same_label
+from webhooks.event import Delivery, Rules, cancel_intent, same_label
 
 
 def labeled(delivery: Delivery, rules: Rules) -> list[Intent]:
@@ -29,18 +29,8 @@ def labeled(delivery: Delivery, rules: Rules) -> list[Intent]:
 def unlabeled(delivery: Delivery, rules: Rules) -> list[Intent]:
     if not same_label(delivery.payload.get("label"), rules.trigger_label):
         return []
-    return [_cancel(delivery, "unlabeled")]
+    return [cancel_intent(delivery, PipelineKind.ISSUE, "issue", "unlabeled")]
 
 
 def closed(delivery: Delivery, rules: Rules) -> list[Intent]:
-    return [_cancel(delivery, "closed")]
-
-
-def _cancel(delivery: Delivery, reason: CancelReason) -> CancelIntent:
-    return CancelIntent(
-        **delivery.origin(),
-        repo=delivery.repo(),
-        kind=PipelineKind.ISSUE,
-        number=delivery.payload["issue"]["number"],
-        reason=reason,
-    )
+    return [cancel_intent(delivery, PipelineKind.ISSUE, "issue", "closed")]

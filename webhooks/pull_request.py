@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.intents import CancelIntent, CancelReason, Intent, RunIntent
+from bot.intents import Intent, RunIntent
 from bot.states import PipelineKind
-from webhooks.event import Delivery, Rules, same_label
+from webhooks.event import Delivery, Rules, cancel_intent, same_label
 
 
 def head_fields(pull: dict[str, Any]) -> dict[str, Any]:
@@ -47,24 +47,14 @@ def labeled(delivery: Delivery, rules: Rules) -> list[Intent]:
 def unlabeled(delivery: Delivery, rules: Rules) -> list[Intent]:
     if not same_label(delivery.payload.get("label"), rules.trigger_label):
         return []
-    return [_cancel(delivery, "unlabeled")]
+    return [cancel_intent(delivery, PipelineKind.PULL, "pull_request", "unlabeled")]
 
 
 def closed(delivery: Delivery, rules: Rules) -> list[Intent]:
-    return [_cancel(delivery, "closed")]
+    return [cancel_intent(delivery, PipelineKind.PULL, "pull_request", "closed")]
 
 
 def synchronize(delivery: Delivery, rules: Rules) -> list[Intent]:
     # New commits do not start a run by themselves; a fork's approval, bound to the old head,
     # lapses on its own because the worker compares head commits.
     return []
-
-
-def _cancel(delivery: Delivery, reason: CancelReason) -> CancelIntent:
-    return CancelIntent(
-        **delivery.origin(),
-        repo=delivery.repo(),
-        kind=PipelineKind.PULL,
-        number=delivery.payload["pull_request"]["number"],
-        reason=reason,
-    )
