@@ -26,10 +26,12 @@ from bot.errors import ConfigError, ImageBuildError, PublishRefused, TrimoError,
 from bot.junit import TestReport, parse_junit
 from bot.masking import Masker
 from bot.protocol import (
+    AGENT_OUT_DIR,
     BUNDLE_NAME,
     IN_DIR,
     OUT_DIR,
     SUMMARY_NAME,
+    TESTS_OUT_DIR,
     WORKSPACE,
     ExitCode,
     parse_line,
@@ -50,6 +52,13 @@ LOG_FLUSH_SECONDS = 0.5
 LOG_FLUSH_LINES = 200
 TAIL_LINES = 30
 MAX_SUMMARY_CHARS = 20_000
+# A summary is read up to MAX_SUMMARY_CHARS; a file far beyond that is not worth copying out.
+MAX_SUMMARY_BYTES = 1024 * 1024
+# Where the engine keeps what it copied out of the container, below the run's temporary folder.
+BUNDLE_FILE = BUNDLE_NAME
+SUMMARY_FILE = f"agent/{SUMMARY_NAME}"
+TESTS_DIR = "tests"
+SUMMARY_TOO_LARGE = "the agent's summary is larger than {limit} bytes: not shown"
 
 MISSING_SECRET = (
     "the repository asks for secret {name} (agent.secrets in .trimo/config.yml), but the server "
@@ -95,6 +104,8 @@ class _Outcome:
     state: RunState
     reason: str | None = None
     tail: list[str] = field(default_factory=list)
+    # The test command's exit code, from the runner's `tests` event; None when no test phase ran.
+    tests_exit_code: int | None = None
 
 
 class Engine:
@@ -355,8 +366,25 @@ class Engine:
         finally:
             finished.set()
         out_dir = Path(tempfile.mkdtemp(prefix=f"trimo-run-{run.id}-"))
-        self.runtime.fetch_dir(cid, OUT_DIR, out_dir)
+        self._fetch_results(run, cid, out_dir)
         return _outcome(code, events, stop_reason, timeout), out_dir
+
+    def _fetch_results(self, run: Run, cid: str, out_dir: Path) -> None:
+        """Copies out what the runner hands back, each from the place only its writer can write:
+        the bundle (the runner), the summary (the agent), the test reports (the test phase)."""
+        self.runtime.fetch_file(cid, f"{OUT_DIR}/{BUNDLE_NAME}", out_dir / BUNDLE_FILE)
+        self.runtime.fetch_dir(cid, TESTS_OUT_DIR, out_dir / TESTS_DIR)
+        try:
+            self.runtime.fetch_file(
+                cid,
+                f"{AGENT_OUT_DIR}/{SUMMARY_NAME}",
+                out_dir / SUMMARY_FILE,
+                max_bytes=MAX_SUMMARY_BYTES,
+            )
+        except RuntimeError:
+            self.store.add_event(
+                run.id, "summary", SUMMARY_TOO_LARGE.format(limit=MAX_SUMMARY_BYTES)
+            )
 
     # -- publishing and the report -------------------------------------------------------------
 
@@ -371,18 +399,27 @@ class Engine:
         obs: Observer,
     ) -> _Outcome:
         fields: dict[str, Any] = {}
+        report: TestReport | None = None
         if out_dir is not None:
-            report = parse_junit(sorted(out_dir.glob(config.test.junit)))
+            # Only the folder the test phase wrote: nothing the agent left counts as a result.
+            tests_dir = out_dir / TESTS_DIR
+            if tests_dir.is_dir():
+                report = parse_junit(sorted(tests_dir.glob(config.test.junit)))
             if report is not None:
                 fields.update(_test_fields(report, masker))
-            summary = out_dir / SUMMARY_NAME
+            summary = out_dir / SUMMARY_FILE
             if summary.is_file():
                 fields["summary"] = masker.mask(
                     summary.read_text(errors="replace")[:MAX_SUMMARY_CHARS]
                 )
+        if outcome.tests_exit_code is not None:
+            fields["report"] = {
+                **(self.store.get_run(run.id).report or {}),
+                "tests": {"exit_code": outcome.tests_exit_code, "junit": report is not None},
+            }
         if fields:
             self.store.update_run(run.id, **fields)
-        bundle = out_dir / BUNDLE_NAME if out_dir is not None else None
+        bundle = out_dir / BUNDLE_FILE if out_dir is not None else None
         if bundle is None or not bundle.is_file():
             return outcome
         obs.state(self.store.set_state(run.id, RunState.PUBLISHING))
@@ -407,7 +444,11 @@ class Engine:
             run.id,
             head_sha=result.head,
             commits=len(result.commits),
-            report={"commits": [list(c) for c in result.commits], "branch": checkout.branch},
+            report={
+                **(self.store.get_run(run.id).report or {}),
+                "commits": [list(c) for c in result.commits],
+                "branch": checkout.branch,
+            },
         )
         self.store.add_event(
             run.id,
@@ -425,6 +466,16 @@ _PHASE_STATES = {
 
 
 def _outcome(
+    code: int, events: dict[str, dict[str, Any]], stop_reason: list[RunState], timeout: int
+) -> _Outcome:
+    outcome = _state_of(code, events, stop_reason, timeout)
+    tests = events.get("tests")
+    if tests is not None and isinstance(tests.get("exit_code"), int):
+        outcome.tests_exit_code = int(tests["exit_code"])
+    return outcome
+
+
+def _state_of(
     code: int, events: dict[str, dict[str, Any]], stop_reason: list[RunState], timeout: int
 ) -> _Outcome:
     failure = events.get("failure", {})

@@ -16,7 +16,12 @@ EVENT_PREFIX = "::trimo::"
 
 WORKSPACE = "/workspace"
 IN_DIR = "/trimo/in"
+# Root's: every file below has a known writer. The runner writes the bundle in OUT_DIR itself,
+# the agent writes in AGENT_OUT_DIR (its summary), and TESTS_OUT_DIR is made when the test phase
+# starts, after the agent's processes are stopped: the only place test reports are read from.
 OUT_DIR = "/trimo/out"
+AGENT_OUT_DIR = f"{OUT_DIR}/agent"
+TESTS_OUT_DIR = f"{OUT_DIR}/tests"
 TASK_FILE = f"{IN_DIR}/task.md"
 RUN_FILE = f"{IN_DIR}/run.json"
 BUNDLE_NAME = "result.bundle"

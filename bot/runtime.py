@@ -83,6 +83,9 @@ class Runtime(Protocol):
     def wait(self, container_id: str) -> int: ...
     def stop(self, container_id: str, grace_seconds: int) -> None: ...
     def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]: ...
+    def fetch_file(
+        self, container_id: str, path: str, dest: Path, max_bytes: int = ...
+    ) -> Path | None: ...
     def remove(self, container_id: str) -> None: ...
     def exists(self, container_id: str) -> bool: ...
     def leftovers(self, store: str) -> list[Leftover]: ...
@@ -162,20 +165,43 @@ class DockerRuntime:
         with contextlib.suppress(docker.errors.APIError):
             self.client.api.kill(container_id)
 
-    def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]:
-        """Copy `path` (a folder) out of the container into `dest`; returns the files written."""
+    def _archive(self, container_id: str, path: str, max_bytes: int) -> io.BytesIO | None:
         try:
             stream, _ = self.client.api.get_archive(container_id, path)
         except docker.errors.NotFound:
-            return []
+            return None
         buf = io.BytesIO()
         for chunk in stream:
             buf.write(chunk)
-            if buf.tell() > MAX_ARCHIVE_BYTES:
-                raise RuntimeError(
-                    f"{path} in the container is larger than {MAX_ARCHIVE_BYTES} bytes"
-                )
+            if buf.tell() > max_bytes:
+                raise RuntimeError(f"{path} in the container is larger than {max_bytes} bytes")
         buf.seek(0)
+        return buf
+
+    def fetch_file(
+        self, container_id: str, path: str, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES
+    ) -> Path | None:
+        """Copy the regular file `path` out of the container to `dest`; None when there is none
+        (a link is not followed: it could name any file of the container)."""
+        buf = self._archive(container_id, path, max_bytes)
+        if buf is None:
+            return None
+        with tarfile.open(fileobj=buf) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                return None
+            src = tar.extractfile(member)
+            if src is None:
+                return None
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(src.read())
+        return dest
+
+    def fetch_dir(self, container_id: str, path: str, dest: Path) -> list[Path]:
+        """Copy `path` (a folder) out of the container into `dest`; returns the files written."""
+        buf = self._archive(container_id, path, MAX_ARCHIVE_BYTES)
+        if buf is None:
+            return []
         written: list[Path] = []
         dest.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=buf) as tar:

@@ -281,6 +281,13 @@ class Run:
     def finished(self) -> bool:
         return self.state in FINISHED
 
+    @property
+    def tests_exit_code(self) -> int | None:
+        """The test command's exit code when a test phase ran (its report may be missing)."""
+        tests = (self.report or {}).get("tests")
+        code = tests.get("exit_code") if isinstance(tests, dict) else None
+        return code if isinstance(code, int) else None
+
 
 @dataclass(frozen=True)
 class RunEventRow:

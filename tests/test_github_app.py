@@ -786,6 +786,38 @@ def test_failing_tests_are_named_with_their_last_lines_and_annotated(app: App) -
     assert app.comments(issue["number"], "trimo:run=")
 
 
+def test_a_report_the_agent_planted_never_reaches_the_comment_or_the_check_run(app: App) -> None:
+    _set_config(
+        app,
+        "agent:\n"
+        "  command: >-\n"
+        f"    echo '{JUNIT}' > \"$TRIMO_OUT/junit.xml\";\n"
+        "    echo 'All tests pass.' > \"$TRIMO_SUMMARY_FILE\";\n"
+        "    echo x >> fix.txt && git add fix.txt && git commit -qm 'Fix the bug'\n"
+        "test:\n"
+        "  command: echo 'tests ran, report went elsewhere'\n"
+        "  junit: junit.xml\n",
+    )
+    _label(app, "Make it green")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    body = app.tracking(run_id)
+    assert "**Tests:** no test report (the test command exited 0" in body
+    assert "passed" not in body
+    assert "**Summary from the agent** (its own words, not checked by Trimo):" in body
+    outputs = [
+        r.json["output"]
+        for r in [
+            *app.fake.requests_to("POST", r"/check-runs$"),
+            *app.fake.requests_to("PATCH", r"/check-runs/\d+$"),
+        ]
+        if r.json and r.json.get("status") == "completed"
+    ]
+    assert outputs and {o["title"] for o in outputs} == {"Tests: no test report (exit 0)"}
+    assert not any("passed" in o["title"] + o["summary"] for o in outputs)
+
+
 # ---- installations -----------------------------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ def test_runner_and_daemon_share_paths_and_prefix() -> None:
     assert c["WORKSPACE"] == protocol.WORKSPACE
     assert c["IN_DIR"] == protocol.IN_DIR
     assert c["OUT_DIR"] == protocol.OUT_DIR
+    assert c["AGENT_OUT_DIR"] == protocol.AGENT_OUT_DIR
+    assert c["TESTS_OUT_DIR"] == protocol.TESTS_OUT_DIR
     assert c["BUNDLE_NAME"] == protocol.BUNDLE_NAME
     assert c["SUMMARY_NAME"] == protocol.SUMMARY_NAME
     assert c["AGENT_UID"] == protocol.AGENT_UID

@@ -413,3 +413,74 @@ def test_logs_follow_streams_until_the_run_ends(trimo: Trimo, tmp_path: Path) ->
     assert "state:" in shown.stdout and "succeeded" in shown.stdout
     listed = trimo("runs", "ls")
     assert "succeeded" in listed.stdout and "trimo/1-talk" in listed.stdout
+
+
+# An agent that wants a green result: a passing report where the agent writes ($TRIMO_OUT), an
+# attempt at the tests' folder, and a process left behind to write one there once it exists.
+PASSING_JUNIT = '<testsuite><testcase name="all_good"/><testcase name="also_fine"/></testsuite>'
+PLANTING_AGENT = (
+    f"echo '{PASSING_JUNIT}' > \"$TRIMO_OUT/junit.xml\"; "
+    f"echo '{PASSING_JUNIT}' > /tmp/forged.xml; "
+    "mkdir /trimo/out/tests 2>/dev/null && echo made-tests-dir; "
+    "cp /tmp/forged.xml /trimo/out/junit.xml 2>/dev/null && echo wrote-out-dir; "
+    "setsid sh -c 'for i in $(seq 1 100); do cp /tmp/forged.xml /trimo/out/tests/x.xml "
+    "2>/dev/null; sleep 0.1; done' > /dev/null 2>&1 < /dev/null & "
+    "echo planted"
+)
+
+
+@pytest.mark.parametrize("exit_code", [1, 0])
+def test_tests_without_a_report_never_show_the_agents_counts(
+    trimo: Trimo, tmp_path: Path, exit_code: int
+) -> None:
+    repo = light_repo(
+        tmp_path / "repo",
+        # Long enough for a leftover process to write into the tests' folder, if one ran.
+        f'test:\n  command: sleep 3; echo "tests ran"; exit {exit_code}\n',
+    )
+    r = trimo("run", "--repo", str(repo), "--task", "Go green", "--agent", PLANTING_AGENT)
+    store = trimo.store()
+    run = store.get_run(1)
+    logs = "\n".join(e.message for e in store.events(1))
+    assert "planted" in logs and "tests ran" in logs
+    assert "made-tests-dir" not in logs and "wrote-out-dir" not in logs
+    assert run.tests_passed is None and run.tests_exit_code == exit_code
+    assert "passed" not in r.stdout
+    assert f"no test report (the test command exited {exit_code}" in r.stdout
+    assert run.state == (RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED)
+    shown = trimo("runs", "show", "1", "--json").stdout
+    assert f'"tests": "no test report (the test command exited {exit_code})"' in shown
+
+
+def test_test_phase_report_is_counted_and_the_agents_is_not(trimo: Trimo, tmp_path: Path) -> None:
+    junit = (
+        '<testsuite><testcase name="a"/><testcase name="b"><failure message="x"/></testcase>'
+        '<testcase name="c"><skipped/></testcase></testsuite>'
+    )
+    repo = light_repo(
+        tmp_path / "repo",
+        f"test:\n  command: echo '{junit}' > \"$TRIMO_OUT/junit.xml\"; exit 1\n",
+    )
+    r = trimo("run", "--repo", str(repo), "--task", "Go green", "--agent", PLANTING_AGENT)
+    run = trimo.store().get_run(1)
+    assert (run.tests_passed, run.tests_failed, run.tests_skipped) == (1, 1, 1)
+    assert "tests:    1 passed, 1 failed, 1 skipped" in r.stdout
+    assert run.state == RunState.FAILED
+
+
+def test_agents_summary_is_shown_as_the_agents(trimo: Trimo, tmp_path: Path) -> None:
+    repo = light_repo(tmp_path / "repo")
+    r = trimo(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Say it",
+        "--agent",
+        'echo "All 500 tests pass." > "$TRIMO_SUMMARY_FILE"',
+    )
+    assert r.returncode == 0, r.stdout
+    assert "agent's summary:\n    > All 500 tests pass." in r.stdout
+    assert "tests:    none run" in r.stdout
+    shown = trimo("runs", "show", "1", "--json").stdout
+    assert '"agent_summary": "All 500 tests pass.\\n"' in shown

@@ -152,8 +152,19 @@ def print_summary(console: Console, store: Store, run: Run, branch: str, seconds
                 highlight=False,
                 markup=False,
             )
+    elif run.tests_exit_code is not None:
+        console.print(
+            f"  tests:    no test report (the test command exited {run.tests_exit_code} "
+            "without writing JUnit)",
+            highlight=False,
+        )
     else:
-        console.print("  tests:    none reported", highlight=False)
+        console.print("  tests:    none run", highlight=False)
+    if run.summary:
+        # The agent's own words: shown as such, never as Trimo's findings.
+        console.print("  agent's summary:", highlight=False)
+        for line in run.summary.strip().splitlines()[:10]:
+            console.print(f"    > {line}", highlight=False, markup=False)
     console.print(f"  duration: {seconds:.1f}s", highlight=False)
 
 

@@ -27,8 +27,22 @@ def _duration(run: Run) -> str:
 
 def _tests(run: Run) -> str:
     if run.tests_passed is None:
-        return "-"
+        return "no report" if run.tests_exit_code is not None else "-"
     return f"{run.tests_passed}/{run.tests_failed}/{run.tests_skipped}"
+
+
+def _tests_info(run: Run) -> dict[str, object] | str | None:
+    if run.tests_passed is None:
+        if run.tests_exit_code is None:
+            return None
+        return f"no test report (the test command exited {run.tests_exit_code})"
+    return {
+        "passed": run.tests_passed,
+        "failed": run.tests_failed,
+        "skipped": run.tests_skipped,
+        "errors": run.tests_errors,
+        "exit_code": run.tests_exit_code,
+    }
 
 
 def _get(store: Store, run_id: int) -> Run:
@@ -86,15 +100,9 @@ def show(run_id: int, as_json: bool, settings_path: Path | None) -> None:
         "head": r.head_sha,
         "commits": r.commits,
         "image": r.image_tag,
-        "tests": None
-        if r.tests_passed is None
-        else {
-            "passed": r.tests_passed,
-            "failed": r.tests_failed,
-            "skipped": r.tests_skipped,
-            "errors": r.tests_errors,
-        },
+        "tests": _tests_info(r),
         "failures": r.failures,
+        "agent_summary": r.summary,
         "superseded_by": r.superseded_by,
         "created": r.created_at.isoformat(),
         "duration": _duration(r),

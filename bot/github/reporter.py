@@ -31,6 +31,8 @@ FINAL_HEADING = "### {icon} Trimo run #{run_id} {outcome}"
 STARTED_BY = "Started by @{sender} ({trigger})"
 TRUNCATED = "*Output shortened to fit GitHub's limit; the full log: {where}.*"
 SUPERSEDED = "Superseded by run #{run_id}, which carries on the work of this one."
+NO_TEST_REPORT = "no test report (the test command exited {code} without writing JUnit)"
+AGENT_SUMMARY = "**Summary from the agent** (its own words, not checked by Trimo):"
 COMMANDS = (
     "<details><summary>Commands</summary>\n\n"
     "Comment a line starting with:\n\n"
@@ -86,6 +88,8 @@ class RunView:
     branch_url: str | None = None
     pr_url: str | None = None
     tests: TestReport | None = None  # the totals; details of failures are in `failures`
+    # The test command's exit code when it ran: with `tests` None, it wrote no JUnit report.
+    tests_exit_code: int | None = None
     # Each: name, message, and when known file and line.
     failures: list[dict[str, Any]] = field(default_factory=list)
     summary: str | None = None
@@ -162,6 +166,8 @@ def _comment(
         lines += [SUPERSEDED.format(run_id=view.superseded_by), ""]
     if view.tests is not None:
         lines += [f"**Tests:** {_totals(view.tests)}", ""]
+    elif view.tests_exit_code is not None:
+        lines += [f"**Tests:** {NO_TEST_REPORT.format(code=view.tests_exit_code)}", ""]
     if failures:
         lines.append("**Failing tests:**")
         lines += [f"- {_failure_line(f)}" for f in failures]
@@ -169,7 +175,7 @@ def _comment(
             lines.append(f"- … and {len(view.failures) - len(failures)} more")
         lines.append("")
     if summary:
-        lines += ["**Summary from the agent:**", "", summary, ""]
+        lines += [AGENT_SUMMARY, "", summary, ""]
     links = _links(view)
     if links:
         lines += [links, ""]
@@ -304,6 +310,8 @@ def check_run_payload(view: RunView) -> dict[str, Any]:
 def _check_title(view: RunView) -> str:
     if view.tests is not None:
         return f"Tests: {_totals(view.tests)}"
+    if view.tests_exit_code is not None:
+        return f"Tests: no test report (exit {view.tests_exit_code})"
     if view.state.finished:
         return f"Run #{view.run_id} {OUTCOMES[view.state][1]}"
     return f"Run #{view.run_id}: {view.state.value}"
@@ -317,7 +325,7 @@ def _check_summary(view: RunView) -> str:
     if links:
         lines += ["", links]
     if view.summary:
-        lines += ["", "**Summary from the agent:**", "", _clean(view.summary)]
+        lines += ["", AGENT_SUMMARY, "", _clean(view.summary)]
     return "\n".join(lines)
 
 

@@ -504,6 +504,7 @@ class GitHubService:
             branch_url=f"{web}/tree/{pipeline.branch}",
             pr_url=f"{web}/pull/{pr_number}" if pr_number else None,
             tests=tests,
+            tests_exit_code=run.tests_exit_code,
             failures=run.failures,
             summary=run.summary,
             # The engine says only "cancelled"; the report says who or what cancelled the run.
