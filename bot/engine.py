@@ -38,6 +38,7 @@ from bot.protocol import (
 )
 from bot.repoconfig import RepoConfig, parse_repo_config
 from bot.runtime import ContainerSpec, DockerRuntime, files_tar
+from bot.secretscan import SecretInResult, check_secret_value, refuse_secrets
 from bot.states import RunMode, RunState
 from bot.store import Run, Store
 from bot.workspace import Checkout, Remote, Result, Workspace
@@ -149,8 +150,12 @@ class Engine:
             masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
             container_id = self._create(run, checkout, config, image, secrets)
             outcome, out_dir = self._watch(run, container_id, config, masker, obs)
+            # Every value the run was given: none of them may leave in what Trimo publishes.
+            handed_out = {**ctx.extra_secrets, **secrets}
             try:
-                outcome = self._finish(run, checkout, config, outcome, out_dir, masker, obs)
+                outcome = self._finish(
+                    run, checkout, config, outcome, out_dir, masker, obs, handed_out
+                )
             finally:
                 if out_dir is not None:
                     shutil.rmtree(out_dir, ignore_errors=True)
@@ -258,6 +263,7 @@ class Engine:
             value = self.secret_lookup(name)
             if value is None:
                 raise TrimoError(MISSING_SECRET.format(name=name))
+            check_secret_value(name, value)
             values[name] = value
         return values
 
@@ -397,6 +403,7 @@ class Engine:
         out_dir: Path | None,
         masker: Masker,
         obs: Observer,
+        handed_out: dict[str, str],
     ) -> _Outcome:
         fields: dict[str, Any] = {}
         report: TestReport | None = None
@@ -425,7 +432,19 @@ class Engine:
         obs.state(self.store.set_state(run.id, RunState.PUBLISHING))
         try:
             result = self.workspace.import_bundle(checkout, bundle, run_id=run.id)
-            self._publish(run, checkout, config, result)
+            self._keep_result(run, checkout, result)
+            self._publish(run, checkout, config, result, handed_out)
+        except SecretInResult as exc:
+            hits = [hit.__dict__ for hit in exc.hits]
+            self.store.add_event(
+                run.id, "publish", masker.mask(str(exc)), {"pushed": False, "secrets": hits}
+            )
+            self.store.update_run(
+                run.id, report={**(self.store.get_run(run.id).report or {}), "secrets": hits}
+            )
+            return _Outcome(
+                RunState.REJECTED, f"result not published: {masker.mask(str(exc))}", outcome.tail
+            )
         except PublishRefused as exc:
             self.store.add_event(run.id, "publish", masker.mask(str(exc)), {"pushed": False})
             return _Outcome(
@@ -437,8 +456,32 @@ class Engine:
             )
         return outcome
 
-    def _publish(self, run: Run, checkout: Checkout, config: RepoConfig, result: Result) -> None:
+    def _keep_result(self, run: Run, checkout: Checkout, result: Result) -> None:
+        """Where the run's commits are, whether or not they are published: the operator can see
+        them (`trimo runs show ID --patch`) when a publication is refused."""
+        self.store.update_run(
+            run.id,
+            report={
+                **(self.store.get_run(run.id).report or {}),
+                "result": {
+                    "mirror": str(checkout.mirror),
+                    "ref": result.ref,
+                    "base": result.base,
+                    "head": result.head,
+                },
+            },
+        )
+
+    def _publish(
+        self,
+        run: Run,
+        checkout: Checkout,
+        config: RepoConfig,
+        result: Result,
+        handed_out: dict[str, str],
+    ) -> None:
         self.workspace.check_protected(result, config.protected_paths)
+        refuse_secrets(handed_out, checkout.mirror, result.base, result.head, run.id)
         self.workspace.publish(checkout, result)
         self.store.update_run(
             run.id,

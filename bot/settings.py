@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from bot.errors import SettingsError
 from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
+from bot.secretscan import check_secret_value
 
 ENV_PREFIX = "TRIMO_"
 SETTINGS_FILE_ENV = "TRIMO_SETTINGS_FILE"
@@ -170,11 +171,23 @@ class Settings(BaseSettings):
         finally:
             _file_data.reset(token)
         settings.private_key_pem()  # fail at start, not at the first webhook
+        for name, value in settings.configured_secrets().items():
+            check_secret_value(name, value)
         return settings
 
     @property
     def database_is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def configured_secrets(self) -> dict[str, str]:
+        """The secrets named in the settings and in TRIMO_SECRET_* variables, by name."""
+        found = {
+            key.removeprefix(SECRET_ENV_PREFIX): value
+            for key, value in os.environ.items()
+            if key.startswith(SECRET_ENV_PREFIX) and value
+        }
+        found.update({name: value.get_secret_value() for name, value in self.secrets.items()})
+        return found
 
     def secret_value(self, name: str) -> str | None:
         """A secret a repository asks for: `secrets`, then env TRIMO_SECRET_<NAME>, then <NAME>."""

@@ -818,6 +818,48 @@ def test_a_report_the_agent_planted_never_reaches_the_comment_or_the_check_run(a
     assert not any("passed" in o["title"] + o["summary"] for o in outputs)
 
 
+LEAKED = "ghp_leakCanary0123456789abcdefXYZ"
+
+
+def test_a_commit_carrying_a_granted_secret_is_never_pushed_and_the_report_names_it(
+    app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TRIMO_SECRET_DEPLOY_TOKEN", LEAKED)
+    _set_config(
+        app,
+        "agent:\n"
+        "  secrets: [DEPLOY_TOKEN]\n"
+        "  command: >-\n"
+        '    echo "$DEPLOY_TOKEN" > leaked.txt && git add leaked.txt &&\n'
+        "    git commit -qm 'Add the deploy config' && exit 1\n",
+    )
+    before = git(app.remote, "for-each-ref")
+    issue = _label(app, "Deploy it")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.REJECTED
+    assert git(app.remote, "for-each-ref") == before  # nothing reached the repository
+    assert app.fake.pulls == {}
+    head = app.store.get_run(run_id).report["result"]["head"]  # type: ignore[index]
+    body = app.tracking(run_id)
+    assert "Trimo run #" in body and "was not published" in body
+    assert f"secret DEPLOY_TOKEN (commit {head[:12]}, added line leaked.txt line 1)" in body
+    finals = [
+        r.json
+        for r in app.fake.requests
+        if r.json and r.json.get("status") == "completed" and "output" in r.json
+    ]
+    assert finals and all("leaked.txt" in f["output"]["summary"] for f in finals)
+    texts = [
+        *(json.dumps(r.json) + r.path for r in app.fake.requests),
+        *(r.getMessage() + (r.exc_text or "") for r in caplog.records),
+        *(json.dumps([e.kind, e.message, e.data]) for e in app.store.events(run_id)),
+    ]
+    assert not any(LEAKED in text for text in texts)
+    assert issue["number"]
+
+
 # ---- installations -----------------------------------------------------------------------------
 
 

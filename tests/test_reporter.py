@@ -288,3 +288,20 @@ def test_the_pushed_commit_gets_a_completed_check_run_once(
     assert set(by_sha) == {SHA, pushed}
     assert by_sha[pushed]["status"] == "completed" and by_sha[pushed]["conclusion"] == "success"
     assert by_sha[pushed]["output"]["title"] == by_sha[SHA]["output"]["title"]
+
+
+def test_a_run_whose_result_was_refused_says_so_and_a_missing_test_report_is_named() -> None:
+    from datetime import UTC, datetime
+
+    refused = view(
+        RunState.REJECTED,
+        started_at=datetime.now(UTC),
+        reason="result not published: the result holds the value of secret API_KEY (...)",
+        tests_exit_code=0,
+    )
+    body = render_comment(refused)
+    assert "🚫 Trimo run #7 was not published" in body
+    assert "**Tests:** no test report (the test command exited 0 without writing JUnit)" in body
+    assert check_run_payload(refused)["output"]["title"] == "Tests: no test report (exit 0)"
+    # Never started (not authorized): the heading says that instead.
+    assert "was not started" in render_comment(view(RunState.REJECTED, reason="no write access"))

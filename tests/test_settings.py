@@ -92,6 +92,21 @@ def test_secret_lookup_order(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.secret_value("D_KEY") is None
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TRIMO_SECRET_PIN_CODE", "4711"), ("TRIMO_SECRETS", '{"PIN_CODE": "4711"}')],
+)
+def test_a_secret_too_short_to_scan_for_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        Settings.load()
+    message = str(caught.value)
+    assert "secret PIN_CODE is 4 characters long; Trimo needs at least 8" in message
+    assert "would match ordinary text" in message and "4711" not in message
+
+
 def test_secrets_never_appear_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
     pem = app_private_key()
     monkeypatch.setenv("TRIMO_PRIVATE_KEY", pem)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +17,11 @@ from bot.states import RunState
 from bot.store import Run, Store
 
 FOLLOW_POLL_SECONDS = 0.5
+NO_RESULT = "run {run_id} handed back no commits: there is no patch to show"
+RESULT_GONE = (
+    "the commits of run {run_id} are no longer in the mirror {mirror} ({detail}); "
+    "they were kept there under {ref}"
+)
 CANCELLED_BY_CLI = "cancelled with `trimo runs cancel`"
 
 
@@ -81,11 +88,20 @@ def ls(limit: int, settings_path: Path | None) -> None:
 @runs.command("show")
 @click.argument("run_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--patch",
+    "as_patch",
+    is_flag=True,
+    help="Print the run's commits as a patch (also those Trimo refused to publish).",
+)
 @settings_option
-def show(run_id: int, as_json: bool, settings_path: Path | None) -> None:
+def show(run_id: int, as_json: bool, as_patch: bool, settings_path: Path | None) -> None:
     """One run: state, reason, branch, commits, tests."""
     app = open_app(settings_path)
     r = _get(app.store, run_id)
+    if as_patch:
+        _print_patch(r)
+        return
     p = app.store.get_pipeline(r.pipeline_id)
     info = {
         "id": r.id,
@@ -114,6 +130,37 @@ def show(run_id: int, as_json: bool, settings_path: Path | None) -> None:
     for key, value in info.items():
         if value not in (None, [], ""):
             click.echo(f"{key + ':':<14}{value}")
+
+
+def _print_patch(run: Run) -> None:
+    # The commits stay in the repository's mirror, refused or not: the patch is read from there.
+    result = (run.report or {}).get("result")
+    if not isinstance(result, dict):
+        raise click.ClickException(NO_RESULT.format(run_id=run.id))
+    done = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(result["mirror"]),
+            "format-patch",
+            "--stdout",
+            "--binary",
+            f"{result['base']}..{result['head']}",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise click.ClickException(
+            RESULT_GONE.format(
+                run_id=run.id,
+                mirror=result["mirror"],
+                ref=result["ref"],
+                detail=done.stderr.decode(errors="replace").strip()[-300:],
+            )
+        )
+    sys.stdout.buffer.write(done.stdout)
+    sys.stdout.flush()
 
 
 @runs.command("logs")

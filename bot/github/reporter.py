@@ -31,6 +31,7 @@ FINAL_HEADING = "### {icon} Trimo run #{run_id} {outcome}"
 STARTED_BY = "Started by @{sender} ({trigger})"
 TRUNCATED = "*Output shortened to fit GitHub's limit; the full log: {where}.*"
 SUPERSEDED = "Superseded by run #{run_id}, which carries on the work of this one."
+PUBLISH_REFUSED = "was not published"
 NO_TEST_REPORT = "no test report (the test command exited {code} without writing JUnit)"
 AGENT_SUMMARY = "**Summary from the agent** (its own words, not checked by Trimo):"
 COMMANDS = (
@@ -139,7 +140,7 @@ def _comment(
 ) -> str:
     lines = [MARKER.format(run_id=view.run_id)]
     if view.state.finished:
-        icon, outcome = OUTCOMES[view.state]
+        icon, outcome = _outcome(view)
         lines.append(FINAL_HEADING.format(icon=icon, run_id=view.run_id, outcome=outcome))
     else:
         icon = "⏳" if view.state == RunState.QUEUED else "🔄"
@@ -194,6 +195,13 @@ def _comment(
         lines += [TRUNCATED.format(where=where), ""]
     lines.append(COMMANDS)
     return "\n".join(lines)
+
+
+def _outcome(view: RunView) -> tuple[str, str]:
+    if view.state == RunState.REJECTED and view.started_at is not None:
+        # It ran, and Trimo refused what it made (a secret's value in its commits).
+        return OUTCOMES[view.state][0], PUBLISH_REFUSED
+    return OUTCOMES[view.state]
 
 
 def _totals(tests: TestReport) -> str:
@@ -313,7 +321,7 @@ def _check_title(view: RunView) -> str:
     if view.tests_exit_code is not None:
         return f"Tests: no test report (exit {view.tests_exit_code})"
     if view.state.finished:
-        return f"Run #{view.run_id} {OUTCOMES[view.state][1]}"
+        return f"Run #{view.run_id} {_outcome(view)[1]}"
     return f"Run #{view.run_id}: {view.state.value}"
 
 
