@@ -8,11 +8,9 @@ back as typed models (`load_intents`); `type` tells them apart.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
-from pydantic_core import PydanticSerializationError
 
 from bot.states import PipelineKind, RunMode
 
@@ -118,19 +116,16 @@ _INTENTS = TypeAdapter(list[Intent])
 
 
 def dump_intents(intents: list[Intent]) -> str:
-    """Intents as one JSON array (the form stored with a delivery)."""
-    try:
-        return _INTENTS.dump_json(intents).decode()
-    except PydanticSerializationError:
-        # A lone UTF-16 surrogate in a title or comment: JSON allows one ("\ud800"), UTF-8 does
-        # not. json.dumps writes it escaped, as it came.
-        return json.dumps(_INTENTS.dump_python(intents, mode="json"))
+    """Intents as one JSON array (the form stored with a delivery).
+
+    Their text comes from payloads webhooks/payloads.py decoded, which holds no lone surrogate.
+    """
+    return _INTENTS.dump_json(intents).decode()
 
 
 def load_intents(text: str) -> list[Intent]:
     """Intents read back from `dump_intents` output; raises pydantic.ValidationError if invalid."""
-    # json.loads, not pydantic's parser: it refuses the lone surrogates dump_intents may write.
-    return intents_from(json.loads(text))
+    return _INTENTS.validate_json(text)
 
 
 def intents_from(data: Any) -> list[Intent]:

@@ -292,14 +292,37 @@ def test_a_body_is_json_exactly_when_json_loads_accepts_it(
         )
 
 
-def test_a_lone_surrogate_in_an_issue_title_is_queued_and_read_back(client: Any) -> None:
-    body = json.loads((shared_dir() / "github" / "webhooks" / "issues.labeled.json").read_bytes())
-    body["issue"]["title"] = "broken \ud800 title"
+@pytest.mark.parametrize(
+    ("field", "where"),
+    [
+        ("title", ("issue", "title")),
+        ("body", ("issue", "body")),
+        ("sender", ("sender", "login")),
+    ],
+)
+def test_a_lone_surrogate_becomes_u_fffd_once_and_for_every_field(
+    client: Any, field: str, where: tuple[str, str]
+) -> None:
+    body = real("issues.labeled.json")
+    body[where[0]][where[1]] = "broken \ud800 text \udfff"
     reply = post(client, "issues", json.dumps(body).encode())  # as "\ud800", valid JSON
     assert (reply.status_code, reply.get_json()) == (202, {"status": "queued", "intents": 1})
     ((_event, _action, stored),) = client[1].deliveries.values()
+    stored.encode()  # what the store keeps is UTF-8
     (intent,) = load_intents(stored)
-    assert intent.title == "broken \ud800 title"
+    assert getattr(intent, field) == "broken \ufffd text \ufffd"
+
+
+def test_only_lone_surrogates_are_replaced() -> None:
+    body = real("issues.labeled.json")
+    body["issue"]["title"] = "pair \ud83d\ude00 reversed \udc00\ud800"
+    body["action"] = "labeled"
+    payload = decode("issues", json.dumps(body).encode())
+    assert payload["issue"]["title"] == "pair \U0001f600 reversed \ufffd\ufffd"
+    # A field read as any JSON value is repaired too, keys included, however deep.
+    body["issue"]["pull_request"] = {"\ud800": [[{"k": "\udbff"}]]}
+    payload = decode("issues", json.dumps(body).encode())
+    assert payload["issue"]["pull_request"] == {"\ufffd": [[{"k": "\ufffd"}]]}
 
 
 @pytest.mark.parametrize("event", ["issues", "push", "ping"])
@@ -320,7 +343,8 @@ def test_ping_answers_with_its_zen_even_deeply_nested(client: Any) -> None:
         "zen": real("ping.json")["zen"],
     }
     deep = b'{"zen": ' + b"[" * 300 + b'"\\ud800"' + b"]" * 300 + b"}"
-    assert post(client, "ping", deep).get_json() == {"msg": "pong", **json.loads(deep)}
+    zen = json.loads(b"[" * 300 + b'"\\ufffd"' + b"]" * 300)
+    assert post(client, "ping", deep).get_json() == {"msg": "pong", "zen": zen}
 
 
 def test_decode_raises_payload_error_for_a_misshapen_delivery() -> None:

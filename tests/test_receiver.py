@@ -19,7 +19,7 @@ import requests
 from pydantic import SecretStr
 from werkzeug.serving import make_server
 
-from bot.intents import RunIntent, load_intents
+from bot.intents import InstallationIntent, RunIntent, load_intents
 from bot.settings import Settings
 from tests.conftest import shared_dir
 from webhooks.app import create_app
@@ -227,6 +227,31 @@ def test_either_secret_signs_while_rotating(serve: Any) -> None:
     assert receiver.post("push", body, secret="new secret").status_code == 200
     assert receiver.post("push", body, secret="other").status_code == 401
     assert len(recorded(receiver.store)) == 2
+
+
+def test_lone_surrogates_in_an_installation_event_are_stored_as_u_fffd(serve: Any) -> None:
+    # JSON may spell a lone UTF-16 surrogate; UTF-8 (the store, GitHub's API) cannot hold one.
+    receiver = serve()
+    created = json.loads(read("installation.created.json"))
+    created["installation"]["account"]["login"] = "Coder\ud800tocat"
+    created["repositories"][0]["full_name"] = "Codertocat/Hello-\udfffWorld"
+    created["sender"]["login"] = "\udbff"
+    reply = receiver.post("installation", json.dumps(created).encode(), delivery="kept")
+    assert (reply.status_code, reply.json()) == (202, {"status": "queued", "intents": 1})
+    # An action Trimo does not act on is only acknowledged, and stored for deduplication.
+    odd = dict(created, action="creat\ud800ed")
+    reply = receiver.post("installation", json.dumps(odd).encode(), delivery="odd")
+    assert (reply.status_code, reply.json()) == (200, {"status": "ignored"})
+    stored = recorded(receiver.store)
+    assert stored["odd"][:2] == ("installation", "creat\ufffded")
+    [intent] = load_intents(stored["kept"][2])
+    assert isinstance(intent, InstallationIntent)
+    assert (intent.account, intent.repositories, intent.sender) == (
+        "Coder\ufffdtocat",
+        ["Codertocat/Hello-\ufffdWorld"],
+        "\ufffd",
+    )
+    assert receiver.healthy()
 
 
 # --- rejected deliveries -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ pydantic's lax mode, as the intent models check them ("2" for a number is 2).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NotRequired
 
@@ -28,6 +29,11 @@ from webhooks.router import PAYLOAD_SHAPE, handles
 
 # The store's column size; GitHub's actions are short words.
 MAX_ACTION = 64
+# JSON may spell a lone UTF-16 surrogate ("\ud800"); UTF-8 cannot hold one, so neither the store
+# nor GitHub's API can take it. json.loads combines a valid pair into one character, so any
+# surrogate left in a decoded string is a lone one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
 
 
 class NotAJsonObject(ValueError):
@@ -214,7 +220,9 @@ def decode(event: str, body: bytes) -> dict[str, Any]:
 
     A body is JSON exactly when `json.loads` accepts it: pydantic's parser refuses two corner
     cases that `json.loads` accepts (nesting past 200 levels, lone UTF-16 surrogates), so what it
-    refuses as JSON is parsed again by `json.loads` and validated from the Python objects.
+    refuses as JSON is parsed again by `json.loads` and validated from the Python objects. Only
+    that path can meet a lone surrogate: there, each one in the result becomes U+FFFD, so every
+    string Trimo stores or sends on is valid UTF-8 and the common delivery pays nothing for it.
     """
     adapter = _ADAPTERS.get(event, _ANY_EVENT)
     try:
@@ -230,10 +238,40 @@ def decode(event: str, body: bytes) -> dict[str, Any]:
         raise NotAJsonObject from None
     try:
         payload = adapter.validate_python(document)
-        return payload
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-        return _misshapen(event, errors, lambda: _ANY_EVENT.validate_python(document))
+        payload = _misshapen(event, errors, lambda: _ANY_EVENT.validate_python(document))
+    return _without_surrogates(payload)
+
+
+def _without_surrogates(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` with every lone surrogate in its strings, keys included, replaced by U+FFFD.
+
+    In place, and without recursion: a field read as any JSON value may nest as deep as
+    `json.loads` went.
+    """
+    stack: list[Any] = [payload]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in list(node.items()):
+                safe_key = key
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    del node[key]
+                    safe_key = _SURROGATE.sub(REPLACEMENT, key)
+                if isinstance(value, str):
+                    node[safe_key] = _SURROGATE.sub(REPLACEMENT, value)
+                else:
+                    node[safe_key] = value
+                    if isinstance(value, dict | list):
+                        stack.append(value)
+        else:
+            for index, value in enumerate(node):
+                if isinstance(value, str):
+                    node[index] = _SURROGATE.sub(REPLACEMENT, value)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+    return payload
 
 
 def _misshapen(
