@@ -861,6 +861,7 @@ class Store:
                 )
 
     def delete_installation(self, installation_id: int) -> None:
+        """Forget an installation and its repositories; an unknown one is no error."""
         with self._write() as s:
             s.execute(
                 delete(InstallationRepoRecord).where(
@@ -869,18 +870,28 @@ class Store:
             )
             s.execute(delete(InstallationRecord).where(InstallationRecord.id == installation_id))
 
-    def add_installation_repos(self, installation_id: int, repos: list[str]) -> None:
-        if not repos:
-            return
-        stmt = (
-            self._insert(InstallationRepoRecord)
-            .values([{"installation_id": installation_id, "repo": r} for r in set(repos)])
+    def add_installation_repos(
+        self, installation_id: int, repos: list[str], *, account: str
+    ) -> None:
+        """Add repositories to an installation, recording the installation (of `account`, its
+        repositories selected) if Trimo has not seen it: GitHub's events come in any order, and
+        an App installed before Trimo first started was never `created` here."""
+        known = (
+            self._insert(InstallationRecord)
+            .values(id=installation_id, account=account, all_repos=False, updated_at=utcnow())
             .on_conflict_do_nothing()
         )
         with self._write() as s:
-            s.execute(stmt)
+            s.execute(known)
+            if repos:
+                s.execute(
+                    self._insert(InstallationRepoRecord)
+                    .values([{"installation_id": installation_id, "repo": r} for r in set(repos)])
+                    .on_conflict_do_nothing()
+                )
 
     def remove_installation_repos(self, installation_id: int, repos: list[str]) -> None:
+        """Forget repositories of an installation; what Trimo does not know is left as it is."""
         with self._write() as s:
             s.execute(
                 delete(InstallationRepoRecord).where(

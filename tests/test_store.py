@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from bot.errors import NoSuchRunError
 from bot.states import PipelineKind, RunMode, RunState
-from bot.store import MIGRATIONS_DIR, Base, Pipeline, Store, schema_objects_of
+from bot.store import MIGRATIONS_DIR, Base, Installation, Pipeline, Store, schema_objects_of
 
 POSTGRES_URL = os.environ.get("TRIMO_TEST_POSTGRES_URL")
 BACKENDS = [
@@ -496,7 +496,7 @@ def test_installations_map_repositories_to_their_installation(store: Store) -> N
     assert store.installation_for_repo("hubber/anything") == 2
     assert store.installation_for_repo("octo/new") is None
 
-    store.add_installation_repos(1, ["octo/new", "octo/app"])
+    store.add_installation_repos(1, ["octo/new", "octo/app"], account="octo")
     store.remove_installation_repos(1, ["octo/lib"])
     installation = store.get_installation(1)
     assert installation is not None and installation.repos == ["octo/app", "octo/new"]
@@ -506,6 +506,24 @@ def test_installations_map_repositories_to_their_installation(store: Store) -> N
     store.delete_installation(1)
     assert store.get_installation(1) is None
     assert store.installation_for_repo("octo/only") is None
+
+
+def test_installation_events_in_any_order_are_recorded_and_never_fail(store: Store) -> None:
+    # Repositories added to an installation Trimo never saw created (installed before Trimo
+    # first ran): the installation is recorded with them, its account as the event says.
+    store.add_installation_repos(7, ["octo/app"], account="octo")
+    assert store.get_installation(7) == Installation(7, "octo", ["octo/app"])
+    assert store.installation_for_repo("octo/app") == 7
+    # Recording it again (a suspend, a redelivery) adds, keeps the account, replaces nothing.
+    store.add_installation_repos(7, [], account="renamed")
+    store.add_installation_repos(7, ["octo/app", "octo/lib"], account="octo")
+    assert store.get_installation(7) == Installation(7, "octo", ["octo/app", "octo/lib"])
+    # Removing what is not known, or from an installation not known, changes nothing.
+    store.remove_installation_repos(7, ["octo/never"])
+    store.remove_installation_repos(8, ["octo/app"])
+    store.delete_installation(8)
+    assert store.get_installation(7) == Installation(7, "octo", ["octo/app", "octo/lib"])
+    assert store.get_installation(8) is None
 
 
 # -- posted GitHub objects ---------------------------------------------------------------------

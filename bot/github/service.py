@@ -433,8 +433,11 @@ class GitHubService:
             self.store.upsert_installation(
                 intent.installation_id or 0, intent.account, intent.repositories
             )
-        elif intent.action == "added":
-            self.store.add_installation_repos(intent.installation_id or 0, intent.repositories)
+        elif intent.action in ("added", "suspend", "unsuspend"):
+            # Events come in any order: an installation not seen yet is recorded from this one.
+            self.store.add_installation_repos(
+                intent.installation_id or 0, intent.repositories, account=intent.account
+            )
         elif intent.action == "removed":
             self.store.remove_installation_repos(intent.installation_id or 0, intent.repositories)
 
