@@ -352,3 +352,19 @@ def test_decode_raises_payload_error_for_a_misshapen_delivery() -> None:
     del payload["pull_request"]["head"]
     with pytest.raises(PayloadError, match=r"^the payload is not a valid pull_request\.labeled"):
         decode("pull_request", json.dumps(payload).encode())
+
+
+@pytest.mark.parametrize("name", ["Hello-World", "a/b/c", "owner/", "a b/c", "o/" + "r" * 200])
+def test_a_repository_not_named_owner_slash_name_is_refused_by_field(name: str) -> None:
+    # The worker splits the name at "/" and puts both halves in API paths.
+    payload = real("issues.labeled.json")
+    payload["repository"]["full_name"] = name
+    with pytest.raises(PayloadError, match=r"issues\.labeled event: repository\.full_name: "):
+        decode("issues", json.dumps(payload).encode())
+
+
+@pytest.mark.parametrize("name", ["Codertocat/Hello-World", "octo_org/re.po-1", "o/.github"])
+def test_repository_names_as_github_and_ghes_spell_them_are_kept(name: str) -> None:
+    payload = real("issues.labeled.json")
+    payload["repository"]["full_name"] = name
+    assert decode("issues", json.dumps(payload).encode())["repository"]["full_name"] == name

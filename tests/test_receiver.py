@@ -234,7 +234,6 @@ def test_lone_surrogates_in_an_installation_event_are_stored_as_u_fffd(serve: An
     receiver = serve()
     created = json.loads(read("installation.created.json"))
     created["installation"]["account"]["login"] = "Coder\ud800tocat"
-    created["repositories"][0]["full_name"] = "Codertocat/Hello-\udfffWorld"
     created["sender"]["login"] = "\udbff"
     reply = receiver.post("installation", json.dumps(created).encode(), delivery="kept")
     assert (reply.status_code, reply.json()) == (202, {"status": "queued", "intents": 1})
@@ -242,13 +241,21 @@ def test_lone_surrogates_in_an_installation_event_are_stored_as_u_fffd(serve: An
     odd = dict(created, action="creat\ud800ed")
     reply = receiver.post("installation", json.dumps(odd).encode(), delivery="odd")
     assert (reply.status_code, reply.json()) == (200, {"status": "ignored"})
+    # A repository's name has GitHub's shape, which U+FFFD is not part of: refused, named.
+    created["repositories"][0]["full_name"] = "Codertocat/Hello-\udfffWorld"
+    reply = receiver.post("installation", json.dumps(created).encode(), delivery="refused")
+    assert reply.status_code == 400
+    assert reply.json()["error"].startswith(
+        "the payload is not a valid installation.created event: repositories.0.full_name: "
+    )
     stored = recorded(receiver.store)
+    assert sorted(stored) == ["kept", "odd"]
     assert stored["odd"][:2] == ("installation", "creat\ufffded")
     [intent] = load_intents(stored["kept"][2])
     assert isinstance(intent, InstallationIntent)
     assert (intent.account, intent.repositories, intent.sender) == (
         "Coder\ufffdtocat",
-        ["Codertocat/Hello-\ufffdWorld"],
+        ["Codertocat/Hello-World"],
         "\ufffd",
     )
     assert receiver.healthy()

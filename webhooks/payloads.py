@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NotRequired
+from typing import Annotated, Any, NotRequired
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
@@ -48,12 +48,17 @@ class User(TypedDict):
     type: NotRequired[str]  # "User", "Bot", "Organization"
 
 
+# "owner/name", as GitHub (and GitHub Enterprise Server, whose logins may hold "_") spells it:
+# the worker splits it at "/" and puts it in API paths; 200 is the store's column.
+FullName = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$", max_length=200)]
+
+
 class Repository(TypedDict):
-    full_name: str  # "owner/name"
+    full_name: FullName
 
 
 class ForkRepository(TypedDict):
-    full_name: NotRequired[str | None]
+    full_name: NotRequired[FullName | None]
 
 
 class InstallationRef(TypedDict):
@@ -221,8 +226,8 @@ def decode(event: str, body: bytes) -> dict[str, Any]:
     A body is JSON exactly when `json.loads` accepts it: pydantic's parser refuses two corner
     cases that `json.loads` accepts (nesting past 200 levels, lone UTF-16 surrogates), so what it
     refuses as JSON is parsed again by `json.loads` and validated from the Python objects. Only
-    that path can meet a lone surrogate: there, each one in the result becomes U+FFFD, so every
-    string Trimo stores or sends on is valid UTF-8 and the common delivery pays nothing for it.
+    that path can meet a lone surrogate: there, each one becomes U+FFFD before validation, so
+    every string Trimo stores or sends on is valid UTF-8 and the common delivery pays nothing.
     """
     adapter = _ADAPTERS.get(event, _ANY_EVENT)
     try:
@@ -233,24 +238,26 @@ def decode(event: str, body: bytes) -> dict[str, Any]:
         if not any(e["type"] == "json_invalid" for e in errors):
             return _misshapen(event, errors, lambda: _ANY_EVENT.validate_json(body))
     try:
-        document = json.loads(body)
+        document = _without_surrogates(json.loads(body))
     except (ValueError, RecursionError):
         raise NotAJsonObject from None
     try:
         payload = adapter.validate_python(document)
+        return payload
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-        payload = _misshapen(event, errors, lambda: _ANY_EVENT.validate_python(document))
-    return _without_surrogates(payload)
+        return _misshapen(event, errors, lambda: _ANY_EVENT.validate_python(document))
 
 
-def _without_surrogates(payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` with every lone surrogate in its strings, keys included, replaced by U+FFFD.
+def _without_surrogates(document: Any) -> Any:
+    """`document` with every lone surrogate in its strings, keys included, replaced by U+FFFD.
 
-    In place, and without recursion: a field read as any JSON value may nest as deep as
-    `json.loads` went.
+    In place, before validation, so each field's rules see the text Trimo keeps; without
+    recursion, as `json.loads` may have nested deeper than Python's stack allows.
     """
-    stack: list[Any] = [payload]
+    if isinstance(document, str):
+        return _SURROGATE.sub(REPLACEMENT, document)
+    stack: list[Any] = [document]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
@@ -265,13 +272,13 @@ def _without_surrogates(payload: dict[str, Any]) -> dict[str, Any]:
                     node[safe_key] = value
                     if isinstance(value, dict | list):
                         stack.append(value)
-        else:
+        elif isinstance(node, list):
             for index, value in enumerate(node):
                 if isinstance(value, str):
                     node[index] = _SURROGATE.sub(REPLACEMENT, value)
                 elif isinstance(value, dict | list):
                     stack.append(value)
-    return payload
+    return document
 
 
 def _misshapen(
