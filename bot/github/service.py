@@ -15,6 +15,7 @@ from typing import Any
 
 from bot.commands import HELP_TEXT
 from bot.engine import RunContext
+from bot.errors import TrimoError
 from bot.github.auth import AppAuth
 from bot.github.client import GitHubClient, GitHubError
 from bot.github.reporter import RESULT_CHECK, Reporter, RunView
@@ -151,10 +152,15 @@ class GitHubService:
         return done
 
     def process(self, delivery: Delivery) -> None:
+        """Act on one delivery's intents; it ends processed, or failed with the reason stored."""
         error = None
         try:
             for intent in intents_from(delivery.intents):
                 self.handle(intent)
+        except TrimoError as exc:
+            # Said on purpose (GitHub refused, not one of Trimo's check runs): the reason is enough.
+            log.warning("delivery %s failed: %s", delivery.delivery_id, exc)
+            error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             log.exception("delivery %s failed", delivery.delivery_id)
             error = f"{type(exc).__name__}: {exc}"
