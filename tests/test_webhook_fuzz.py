@@ -15,6 +15,7 @@ import http.client
 import itertools
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ from bot.github.service import GitHubService
 from bot.settings import Settings
 from bot.store import Installation, Store
 from tests.conftest import shared_dir
-from tests.github_fake import FakeGitHub
+from tests.github_fake import FakeGitHub, _spec
 from tests.test_receiver import start
 from webhooks.router import HANDLERS
 from webhooks.signature import sign
@@ -47,7 +48,7 @@ EVENTS = sorted({name.split(".", 1)[0] for name in SEEDS} | {event for event, _ 
 ACTIONS: dict[str, list[str]] = {}
 for _event, _action in HANDLERS:
     ACTIONS.setdefault(_event, []).append(str(_action))
-BODIES = 500
+BODIES = 800
 # Percent of bodies posted under another event's header, and cut short.
 OTHER_EVENT, TRUNCATED = 8, 8
 
@@ -131,6 +132,7 @@ ODD = [
 # Any code point, lone surrogates included (Hypothesis leaves category Cs out unless told).
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
 DEEP = "@@deep@@"  # stands for a nesting spliced into the JSON text
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @st.composite
@@ -251,6 +253,7 @@ class Trimo:
     ids: Iterator[int] = field(default_factory=itertools.count)
     statuses: Counter[int] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
 
     def deliver(self, event: str, body: bytes, delivery: str) -> tuple[int, dict[str, Any]]:
         """POST a signed delivery; (status, JSON answer).
@@ -296,6 +299,8 @@ class Trimo:
 @pytest.fixture
 def trimo(tmp_path: Path) -> Iterator[Trimo]:
     """The receiver on a socket and the GitHub worker, on one store, against the fake GitHub."""
+    # The OpenAPI description loads once per session, in seconds: not inside one example's deadline.
+    _spec()
     with FakeGitHub() as fake:
         for repo in ("Codertocat/Hello-World", "Codertocat/Space", "github/hello-world"):
             fake.add_repo(repo)
@@ -348,6 +353,8 @@ def test_fuzzed_deliveries_get_no_5xx_and_end_processed_or_failed_with_a_reason(
         event, body = delivery
         delivery_id = f"fuzz-{next(trimo.ids)}"
         seen = len(trimo.unexpected.records)
+        trimo.kinds["lone or paired surrogates"] += bool(SURROGATE_ESCAPE.search(body))
+        trimo.kinds["nested 50+ deep"] += b"[" * 50 in body or b'{"a":' * 50 in body
         status, answer = trimo.deliver(event, body, delivery_id)
         assert status < 500, (status, answer)
         if status >= 400:
@@ -374,7 +381,8 @@ def test_fuzzed_deliveries_get_no_5xx_and_end_processed_or_failed_with_a_reason(
     took = time.monotonic() - started
     print(
         f"\n{sum(trimo.statuses.values())} fuzzed bodies in {took:.1f} s; "
-        f"statuses {dict(sorted(trimo.statuses.items()))}; outcomes {dict(trimo.outcomes)}; "
+        f"of them {dict(trimo.kinds)}; statuses {dict(sorted(trimo.statuses.items()))}; "
+        f"outcomes {dict(trimo.outcomes)}; "
         f"5xx: {sum(n for s, n in trimo.statuses.items() if s >= 500)}; "
         f"worker exceptions: {len(trimo.unexpected.records)}"
     )
