@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -368,3 +369,26 @@ def test_repository_names_as_github_and_ghes_spell_them_are_kept(name: str) -> N
     payload = real("issues.labeled.json")
     payload["repository"]["full_name"] = name
     assert decode("issues", json.dumps(payload).encode())["repository"]["full_name"] == name
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("issue", "number"), 0),
+        (("issue", "number"), -1),
+        (("issue", "number"), 2**31),  # PostgreSQL's INTEGER, the pipeline's number
+        (("installation", "id"), 2**63),  # a 64-bit INTEGER
+        (("sender", "login"), "x" * 101),
+        (("repository", "full_name"), "o/" + "r" * 199),
+    ],
+)
+def test_a_field_beyond_what_github_sends_and_the_store_holds_is_refused(
+    path: tuple[str, str], value: Any
+) -> None:
+    payload = real("issue_comment.created.json")
+    payload[path[0]][path[1]] = value
+    field = re.escape(".".join(path))
+    with pytest.raises(PayloadError, match=f"created event: {field}: "):
+        decode("issue_comment", json.dumps(payload).encode())
+    payload[path[0]][path[1]] = real("issue_comment.created.json")[path[0]][path[1]]
+    assert decode("issue_comment", json.dumps(payload).encode())

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, NotRequired
 
-from pydantic import StringConstraints, TypeAdapter, ValidationError
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
@@ -43,14 +43,23 @@ class NotAJsonObject(ValueError):
 # --- the parts -----------------------------------------------------------------------------------
 
 
-class User(TypedDict):
-    login: NotRequired[str]
-    type: NotRequired[str]  # "User", "Bot", "Organization"
-
-
+# What GitHub sends, bounded by the store's columns, so that what passes here can be stored on
+# PostgreSQL as on SQLite (a SQLite INTEGER is 64 bits, PostgreSQL's pipeline number 32).
+# GitHub's ids and numbers are positive; a login is at most 39 characters, a commit id 40 hex
+# digits (64 in a SHA-256 repository).
+Id = Annotated[int, Field(gt=0, lt=2**63)]
+Number = Annotated[int, Field(gt=0, lt=2**31)]
+Login = Annotated[str, StringConstraints(max_length=100)]
+Sha = Annotated[str, StringConstraints(max_length=64)]
+Ref = Annotated[str, StringConstraints(max_length=255)]
 # "owner/name", as GitHub (and GitHub Enterprise Server, whose logins may hold "_") spells it:
-# the worker splits it at "/" and puts it in API paths; 200 is the store's column.
+# the worker splits it at "/" and puts it in API paths.
 FullName = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$", max_length=200)]
+
+
+class User(TypedDict):
+    login: NotRequired[Login]
+    type: NotRequired[str]  # "User", "Bot", "Organization"
 
 
 class Repository(TypedDict):
@@ -64,17 +73,17 @@ class ForkRepository(TypedDict):
 class InstallationRef(TypedDict):
     """The installation a repository's event came through: only its id."""
 
-    id: NotRequired[int | None]
+    id: NotRequired[Id | None]
 
 
 class Account(TypedDict):
-    login: str
+    login: Login
 
 
 class Installation(TypedDict):
     """The installation an `installation` or `installation_repositories` event is about."""
 
-    id: int
+    id: Id
     account: Account
 
 
@@ -83,7 +92,7 @@ class Label(TypedDict):
 
 
 class Issue(TypedDict):
-    number: int
+    number: Number
     title: NotRequired[str | None]
     body: NotRequired[str | None]
     # Only whether it is there and not null is read: the issue is then a pull request.
@@ -91,8 +100,8 @@ class Issue(TypedDict):
 
 
 class Head(TypedDict):
-    sha: str
-    ref: str
+    sha: Sha
+    ref: Ref
     repo: NotRequired[ForkRepository | None]  # null once the fork is deleted
 
 
@@ -101,7 +110,7 @@ class Base(TypedDict):
 
 
 class PullRequest(TypedDict):
-    number: int
+    number: Number
     title: NotRequired[str | None]
     body: NotRequired[str | None]
     head: Head
@@ -109,26 +118,26 @@ class PullRequest(TypedDict):
 
 
 class Comment(TypedDict):
-    id: int
+    id: Id
     body: NotRequired[str | None]
 
 
 class App(TypedDict):
-    id: NotRequired[int | None]
+    id: NotRequired[Id | None]
 
 
 class BranchRef(TypedDict):
-    ref: str
+    ref: Ref
 
 
 class CheckRunPull(TypedDict):
-    number: int
+    number: Number
     head: BranchRef
 
 
 class CheckRun(TypedDict):
-    id: int
-    head_sha: str
+    id: Id
+    head_sha: Sha
     name: NotRequired[str | None]
     app: NotRequired[App | None]
     pull_requests: NotRequired[list[CheckRunPull] | None]
