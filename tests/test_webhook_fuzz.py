@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bot.github.auth import AppAuth
@@ -48,7 +48,7 @@ EVENTS = sorted({name.split(".", 1)[0] for name in SEEDS} | {event for event, _ 
 ACTIONS: dict[str, list[str]] = {}
 for _event, _action in HANDLERS:
     ACTIONS.setdefault(_event, []).append(str(_action))
-BODIES = 800
+BODIES = 600
 # Percent of bodies posted under another event's header, and cut short.
 OTHER_EVENT, TRUNCATED = 8, 8
 
@@ -132,6 +132,8 @@ ODD = [
 # Any code point, lone surrogates included (Hypothesis leaves category Cs out unless told).
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
 DEEP = "@@deep@@"  # stands for a nesting spliced into the JSON text
+# Where GitHub's numbers, and the store's and PostgreSQL's integers, end.
+EDGES = [0, -1, 2**31 - 1, 2**31, 2**53, 2**63 - 1, 2**63, 2**64]
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -171,8 +173,11 @@ def _has(node: Any, key: Any) -> bool:
     return isinstance(node, list) and isinstance(key, int) and key < len(node)
 
 
-def _value(draw: st.DrawFn) -> Any:
-    """A value of any JSON type, odd or long strings and deep nesting included."""
+def _value(draw: st.DrawFn, current: Any) -> Any:
+    """A value of any JSON type, odd or long strings and deep nesting included; often, for a
+    number, a number at the edge of what the store's integers hold."""
+    if isinstance(current, int) and not isinstance(current, bool) and draw(st.booleans()):
+        return draw(st.sampled_from(EDGES))
     kind = draw(st.sampled_from(["null", "retype", "odd", "text", "long", "deep"]))
     if kind == "null":
         return None
@@ -215,7 +220,7 @@ def deliveries(draw: st.DrawFn) -> tuple[str, bytes]:
         if isinstance(container, dict) and draw(st.integers(0, 4)) == 0:
             container.pop(key, None)
         else:
-            container[key] = _value(draw)
+            container[key] = _value(draw, container[key] if _has(container, key) else None)
     text = json.dumps(doc)  # a lone surrogate is written "\ud800", as JSON allows
     if f'"{DEEP}"' in text:
         depth = draw(st.sampled_from([50, 250, 1000, 100_000]))
@@ -228,6 +233,13 @@ def deliveries(draw: st.DrawFn) -> tuple[str, bytes]:
     if draw(st.integers(0, 99)) >= 100 - OTHER_EVENT:
         event = draw(st.sampled_from(EVENTS))
     return event, body
+
+
+def _edited(name: str, path: tuple[Any, ...], value: Any) -> tuple[str, bytes]:
+    """A delivery of seed `name` with one field set: what a fuzzed body once broke."""
+    doc = copy.deepcopy(SEEDS[name])
+    _parent(doc, path)[path[-1]] = value
+    return name.split(".", 1)[0], json.dumps(doc).encode()
 
 
 class _Unexpected(logging.Handler):
@@ -349,6 +361,13 @@ def test_fuzzed_deliveries_get_no_5xx_and_end_processed_or_failed_with_a_reason(
         suppress_health_check=list(HealthCheck),
     )
     @given(deliveries())
+    # What fuzzed bodies once broke, first, before installations recorded here change the rest.
+    @example(_edited("issues.labeled", ("issue", "number"), 2**63))
+    @example(_edited("pull_request.labeled", ("pull_request", "number"), 2**31))
+    @example(_edited("issues.labeled", ("repository", "full_name"), "Hello-World"))
+    @example(_edited("installation.created", ("action",), "creat\ud800ed"))
+    @example(_edited("installation_repositories.added", ("sender", "login"), "Codertocat"))
+    @example(_edited("installation.created", ("installation", "account", "login"), "\udfff"))
     def one(delivery: tuple[str, bytes]) -> None:
         event, body = delivery
         delivery_id = f"fuzz-{next(trimo.ids)}"
