@@ -22,9 +22,19 @@ from typing import Any, Protocol, cast
 import docker
 
 from bot import images
+from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image, host_addresses
 from bot.errors import ConfigError, ImageBuildError, PublishRefused, TrimoError, WorkspaceError
 from bot.junit import TestReport, parse_junit
 from bot.masking import Masker
+from bot.network import (
+    Blocked,
+    NetworkLimits,
+    NetworkMode,
+    NetworkPolicy,
+    blocked_text,
+    resolve_policy,
+    summarize,
+)
 from bot.protocol import (
     AGENT_OUT_DIR,
     BUNDLE_NAME,
@@ -123,6 +133,7 @@ class Engine:
         git_author: tuple[str, str] = ("Trimo", "trimo@localhost"),
         heartbeat_seconds: int = 5,
         extra_ca_certs: Path | None = None,
+        network_limits: NetworkLimits | None = None,
     ) -> None:
         self.store = store
         self.workspace = workspace
@@ -133,6 +144,8 @@ class Engine:
         self.git_author = git_author
         self.heartbeat_seconds = heartbeat_seconds
         self.extra_ca_certs = extra_ca_certs
+        self.network_limits = network_limits or NetworkLimits()
+        self._host_addresses = host_addresses()
 
     @property
     def docker(self) -> docker.DockerClient:
@@ -146,11 +159,12 @@ class Engine:
         masker = Masker(ctx.extra_secrets.values())
         obs.state(run)
         container_id: str | None = None
+        network: list[RunNetwork] = []
         try:
             checkout, config, image = self._prepare(run, ctx, masker, obs)
             secrets = self._secrets(config)
             masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
-            container_id = self._create(run, checkout, config, image, secrets)
+            container_id = self._create(run, checkout, config, image, secrets, network, obs)
             outcome, out_dir = self._watch(run, container_id, config, masker, obs)
             # Every value the run was given: none of them may leave in what Trimo publishes.
             handed_out = {**ctx.extra_secrets, **secrets}
@@ -175,6 +189,9 @@ class Engine:
         finally:
             if container_id is not None:
                 self.runtime.remove(container_id)
+            for net in network:
+                net.close()
+                self._report_blocked(run, net)
         reason = masker.mask(outcome.reason) if outcome.reason else None
         fields: dict[str, Any] = {}
         if outcome.tail:
@@ -272,9 +289,18 @@ class Engine:
     # -- the container ------------------------------------------------------------------------
 
     def _create(
-        self, run: Run, checkout: Checkout, config: RepoConfig, image: str, secrets: dict[str, str]
+        self,
+        run: Run,
+        checkout: Checkout,
+        config: RepoConfig,
+        image: str,
+        secrets: dict[str, str],
+        network: list[RunNetwork],
+        obs: Observer,
     ) -> str:
         agent = None if run.mode == RunMode.TESTS else (run.agent_command or config.agent_command())
+        policy = self._policy(run, config, obs)
+        name = f"trimo-run-{run.id}-{int(time.time())}"
         spec = ContainerSpec(
             image=image,
             run_id=run.id,
@@ -284,30 +310,90 @@ class Engine:
             cpus=config.resources.cpus,
             memory_bytes=config.resources.memory_bytes,
             pids=config.resources.pids,
-            network=config.network,
-            name=f"trimo-run-{run.id}-{int(time.time())}",
+            network="none" if policy.mode == NetworkMode.NONE else name,
+            name=name,
             store=self.store.key,
         )
-        cid = self.runtime.create(spec)
-        self.store.update_run(run.id, container_id=cid)
-        run_json = {
-            "run_id": run.id,
-            "base": checkout.base,
-            "agent_command": agent,
-            "test_command": config.test.command,
-            "secret_names": sorted(secrets),
-            "heartbeat_seconds": self.heartbeat_seconds,
-            "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
-        }
-        # Rooted at "workspace" and put at "/", so /workspace itself is the agent's too.
-        with self.workspace.checkout_tar(checkout, root=WORKSPACE.strip("/")) as tar:
-            self.runtime.put_archive(cid, "/", tar.read())
-        inputs = {
-            f"{IN_DIR.lstrip('/')}/run.json": json.dumps(run_json),
-            f"{IN_DIR.lstrip('/')}/task.md": _task_text(run),
-        }
-        self.runtime.put_archive(cid, "/", files_tar(inputs))
+        proxy: threading.Thread | None = None
+        proxy_error: list[BaseException] = []
+        if policy.mode != NetworkMode.NONE:
+            network.append(RunNetwork.create(self.runtime, spec, self._on_blocked(run, obs)))
+            proxy_image = self._proxy_image()
+
+            def start_proxy() -> None:
+                try:
+                    network[0].start_proxy(proxy_image, spec, policy)
+                except Exception as exc:  # noqa: BLE001 - raised on the engine's thread below
+                    proxy_error.append(exc)
+
+            # The proxy starts while the run's container is made and filled.
+            proxy = threading.Thread(target=start_proxy, name=f"run-{run.id}-proxy")
+            proxy.start()
+        try:
+            cid = self.runtime.create(spec)
+            self.store.update_run(run.id, container_id=cid)
+            run_json = {
+                "run_id": run.id,
+                "base": checkout.base,
+                "agent_command": agent,
+                "test_command": config.test.command,
+                "secret_names": sorted(secrets),
+                "heartbeat_seconds": self.heartbeat_seconds,
+                "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
+                "proxy": None if policy.mode == NetworkMode.NONE else PROXY_URL,
+            }
+            # Rooted at "workspace" and put at "/", so /workspace itself is the agent's too.
+            with self.workspace.checkout_tar(checkout, root=WORKSPACE.strip("/")) as tar:
+                self.runtime.put_archive(cid, "/", tar.read())
+            inputs = {
+                f"{IN_DIR.lstrip('/')}/run.json": json.dumps(run_json),
+                f"{IN_DIR.lstrip('/')}/task.md": _task_text(run),
+            }
+            self.runtime.put_archive(cid, "/", files_tar(inputs))
+        finally:
+            if proxy is not None:
+                proxy.join()
+        if proxy_error:
+            self.runtime.remove(cid)
+            raise TrimoError(f"the run's egress proxy did not start: {proxy_error[0]}")
         return cid
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def _policy(self, run: Run, config: RepoConfig, obs: Observer) -> NetworkPolicy:
+        net = config.network
+        policy = resolve_policy(
+            net.mode, net.presets, net.allow, self.network_limits, self._host_addresses
+        )
+        lines = [line for line in (net.old_form_note(), *policy.notes) if line]
+        lines.append(policy.describe())
+        self.store.add_logs(run.id, lines)
+        obs.logs(run, lines)
+        self.store.add_event(
+            run.id, "network", policy.describe(), {"mode": policy.mode.value, "hosts": policy.allow}
+        )
+        return policy
+
+    def _proxy_image(self) -> str:
+        # The base was just ensured; the proxy follows it by content hash (a lookup when current).
+        return ensure_proxy_image(self.docker)
+
+    def _on_blocked(self, run: Run, obs: Observer) -> Callable[[Blocked], None]:
+        def blocked(refusal: Blocked) -> None:
+            line = [refusal.log_line()]
+            self.store.add_logs(run.id, line)
+            obs.logs(run, line)
+
+        return blocked
+
+    def _report_blocked(self, run: Run, net: RunNetwork) -> None:
+        rows = summarize(net.blocked)
+        if not rows:
+            return
+        report = dict(self.store.get_run(run.id).report or {})
+        report["network_blocked"] = rows
+        self.store.update_run(run.id, report=report)
+        self.store.add_logs(run.id, ["network: blocked hosts", *blocked_text(rows)])
 
     def _watch(
         self, run: Run, cid: str, config: RepoConfig, masker: Masker, obs: Observer

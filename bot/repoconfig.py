@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from bot.errors import ConfigError
+from bot.network import DEFAULT_PRESETS, HOST_EXPECTED, PRESETS, NetworkMode, valid_host_pattern
 
 CONFIG_DIR = ".trimo"
 CONFIG_NAMES = ("config.yml", "config.yaml")
@@ -69,7 +70,12 @@ EXPECTED: dict[str, str] = {
     "resources.cpus": "a number of CPUs greater than 0, like 2 or 0.5",
     "resources.memory": SIZE_EXPECTED,
     "resources.pids": f"a whole number of at least {MIN_PIDS}",
-    "network": "'bridge' or 'none'",
+    "network": "a mapping with the keys mode, presets, allow",
+    "network.mode": "one of " + ", ".join(m.value for m in NetworkMode),
+    "network.presets": "a list of preset names: " + ", ".join(PRESETS),
+    "network.presets[]": "one of " + ", ".join(PRESETS),
+    "network.allow": "a list of host names",
+    "network.allow[]": HOST_EXPECTED,
     "protected_paths": "a list of gitignore-style globs, like .github/workflows/**",
     "protected_paths[]": "a gitignore-style glob (a string)",
     "trigger_label": "a label name (a string)",
@@ -147,6 +153,44 @@ def _secret_name(value: object) -> str:
     return value
 
 
+def _preset(value: object) -> str:
+    if not isinstance(value, str) or value not in PRESETS:
+        raise _fail("network.presets[]", value)
+    return value
+
+
+def _mode(value: object) -> NetworkMode:
+    if isinstance(value, NetworkMode):
+        return value
+    if isinstance(value, str) and value in NetworkMode._value2member_map_:
+        return NetworkMode(value)
+    raise _fail("network.mode", value)
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str) or not valid_host_pattern(value.lower().rstrip(".")):
+        raise _fail("network.allow[]", value)
+    return value.lower().rstrip(".")
+
+
+# The old form, `network: bridge | none`, still reads: bridge meant the whole internet.
+OLD_NETWORK_FORMS = {"bridge": NetworkMode.OPEN, "none": NetworkMode.NONE}
+OLD_NETWORK_NOTE = (
+    "network: {old!r} is the old form of this setting and now means {{mode: {mode}}}; "
+    "write `network: {{mode: {mode}}}` (or drop it for the allowlist default) in .trimo/config.yml"
+)
+
+
+def _network(value: object) -> object:
+    if isinstance(value, str) and value in OLD_NETWORK_FORMS:
+        return {"mode": OLD_NETWORK_FORMS[value].value, "old_form": value}
+    if isinstance(value, dict) and "old_form" in value:
+        raise PydanticCustomError("trimo", UNKNOWN_KEY.format(keys="mode, presets, allow"))
+    if value is not None and not isinstance(value, dict):
+        raise _fail("network", value)
+    return value
+
+
 def _glob(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail("protected_paths[]", value)
@@ -208,6 +252,23 @@ class ResourcesConfig(_Section):
         return self.memory
 
 
+class NetworkConfig(_Section):
+    """`network:` — what the run may reach (through the egress proxy beside it)."""
+
+    mode: Annotated[NetworkMode, BeforeValidator(_mode)] = NetworkMode.ALLOWLIST
+    presets: list[Annotated[str, BeforeValidator(_preset)]] = Field(
+        default_factory=lambda: list(DEFAULT_PRESETS)
+    )
+    allow: list[Annotated[str, BeforeValidator(_host)]] = Field(default_factory=list)
+    # Set when the file used `network: bridge|none`; never read from the file itself.
+    old_form: str | None = Field(None, exclude=True)
+
+    def old_form_note(self) -> str | None:
+        if self.old_form is None:
+            return None
+        return OLD_NETWORK_NOTE.format(old=self.old_form, mode=self.mode.value)
+
+
 class RepoConfig(_Section):
     """The validated `.trimo/config.yml`; every field has a default, so an empty file is valid."""
 
@@ -216,7 +277,9 @@ class RepoConfig(_Section):
     test: TestConfig = Field(default_factory=TestConfig)
     timeout: Annotated[int | None, BeforeValidator(_duration)] = None
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    network: Literal["bridge", "none"] = "bridge"
+    network: Annotated[NetworkConfig, BeforeValidator(_network)] = Field(
+        default_factory=NetworkConfig
+    )
     protected_paths: list[Annotated[str, BeforeValidator(_glob)]] = Field(
         default_factory=lambda: list(DEFAULT_PROTECTED_PATHS)
     )
@@ -320,7 +383,7 @@ def _keys_at(loc: list[str]) -> list[str]:
         annotation = model.model_fields[part].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
-    return list(model.model_fields)
+    return [name for name, info in model.model_fields.items() if not info.exclude]
 
 
 def _compile_glob(pattern: str) -> tuple[re.Pattern[str], bool] | None:

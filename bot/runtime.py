@@ -30,6 +30,34 @@ LABEL_OWNER = "trimo.owner"
 # Which store (deployment) a container belongs to: run ids are only unique within one store, and
 # several Trimo instances may share an engine. The reaper touches its own store's containers only.
 LABEL_STORE = "trimo.store"
+# What a labelled object is to its run: the run's own container, its egress proxy, its network.
+LABEL_ROLE = "trimo.role"
+ROLE_RUN = "run"
+ROLE_PROXY = "proxy"
+ROLE_NETWORK = "network"
+# The one non-internal network of an engine: proxies reach the internet through it, runs never.
+EGRESS_NETWORK = "trimo-egress"
+LABEL_EGRESS = "trimo.egress"
+
+# Every capability is dropped; these come back because preboot (root, before the agent) needs
+# them, found by running the examples and the sample with less:
+#   CHOWN         the runner hands /workspace and /trimo/out to uid 1000; Postgres' init scripts
+#                 chown its socket and data folders to postgres
+#   DAC_OVERRIDE  root reads and writes files it does not own (Postgres' 0700 data folder, its
+#                 0640 configuration) while starting services as their users
+#   FOWNER        chmod of folders root does not own (/var/run/postgresql after its chown)
+#   SETUID/SETGID the runner switches to the agent user; `su`/`runuser` start Postgres, Redis
+#                 and Celery as their own users
+#   KILL          the runner signals the agent's process group (uid 1000) on stop and timeout;
+#                 `service ... stop` signals services running as other users
+# The agent (uid 1000) holds none of them: a uid change clears the effective set, and
+# no-new-privileges keeps setuid binaries (su, sudo) from giving them back.
+RUN_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "KILL")
+DEFAULT_MEMORY_BYTES = 4 * 1024**3
+DEFAULT_PIDS = 1024
+# The proxy is small and has nothing to protect from itself: no capability at all.
+PROXY_MEMORY_BYTES = 128 * 1024**2
+PROXY_PIDS = 64
 
 # Bound what one tar member read from a container may weigh: reports and bundles, not disks.
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
@@ -47,30 +75,44 @@ class ContainerSpec:
     cpus: float | None = None
     memory_bytes: int | None = None
     pids: int | None = None
-    network: str = "bridge"
+    network: str = "bridge"  # a network name: the run's own, "none", or Docker's bridge
     name: str | None = None
     store: str = ""
     extra_labels: Mapping[str, str] = field(default_factory=dict)
+    capabilities: tuple[str, ...] = RUN_CAPABILITIES
 
-    def labels(self) -> dict[str, str]:
+    def labels(self, role: str = ROLE_RUN) -> dict[str, str]:
         return {
             LABEL_MANAGED: "1",
             LABEL_RUN: str(self.run_id),
             LABEL_PIPELINE: str(self.pipeline_id),
             LABEL_OWNER: self.owner,
             LABEL_STORE: self.store,
+            LABEL_ROLE: role,
             **self.extra_labels,
         }
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """The egress proxy beside one run: on the egress network and, as `alias`, on the run's."""
+
+    image: str
+    run: ContainerSpec  # whose labels it carries, so it goes with the run
+    run_network: str
+    alias: str
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Leftover:
     """A Trimo-labelled container found by the reaper."""
 
-    container_id: str
+    container_id: str  # a network's id when kind is "network"
     run_id: int | None
     owner: str
     status: str
+    kind: str = "container"
 
 
 class Runtime(Protocol):
@@ -116,6 +158,7 @@ class DockerRuntime:
         self.client = client
 
     def create(self, spec: ContainerSpec) -> str:
+        memory = spec.memory_bytes or DEFAULT_MEMORY_BYTES
         kwargs: dict[str, Any] = {
             "image": spec.image,
             "detach": True,
@@ -123,17 +166,91 @@ class DockerRuntime:
             "labels": spec.labels(),
             "network_mode": spec.network,
             "init": False,  # the image's entrypoint is tini already
+            "cap_drop": ["ALL"],
+            "cap_add": list(spec.capabilities),
+            "security_opt": ["no-new-privileges:true"],
+            "mem_limit": memory,
+            "memswap_limit": memory,
+            "pids_limit": spec.pids or DEFAULT_PIDS,
+            # No host mounts, no Docker socket: nothing of the host but what is uploaded.
+            "volumes": {},
+            "privileged": False,
         }
         if spec.name:
             kwargs["name"] = spec.name
         if spec.cpus:
             kwargs["nano_cpus"] = int(spec.cpus * 1e9)
-        if spec.memory_bytes:
-            kwargs["mem_limit"] = spec.memory_bytes
-            kwargs["memswap_limit"] = spec.memory_bytes
-        if spec.pids:
-            kwargs["pids_limit"] = spec.pids
         container: Container = self.client.containers.create(**kwargs)
+        return str(container.id)
+
+    # -- networks and the egress proxy --------------------------------------------------------
+
+    def create_network(self, name: str, spec: ContainerSpec) -> str:
+        """The run's own network: internal (no route out) and without an address on the host.
+
+        `inhibit_ipv4` leaves the bridge without the gateway address, so the engine's host is
+        not reachable from the run either; only the run and its proxy are on it.
+        """
+        network = self.client.networks.create(
+            name,
+            driver="bridge",
+            internal=True,
+            labels=spec.labels(ROLE_NETWORK),
+            options={
+                "com.docker.network.bridge.inhibit_ipv4": "true",
+                "com.docker.network.bridge.enable_ip_masquerade": "false",
+            },
+            check_duplicate=True,
+        )
+        return str(network.id)
+
+    def remove_network(self, network_id: str) -> None:
+        try:
+            self.client.api.remove_network(network_id)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            log.warning("could not remove network %s: %s", network_id[:12], exc)
+
+    def ensure_egress_network(self) -> str:
+        """The engine's egress network, made on first use; shared by every run's proxy."""
+        found = self.client.api.networks(names=[EGRESS_NETWORK])
+        if not any(n.get("Name") == EGRESS_NETWORK for n in found):
+            with contextlib.suppress(docker.errors.APIError):  # another worker made it first
+                self.client.networks.create(
+                    EGRESS_NETWORK,
+                    driver="bridge",
+                    labels={LABEL_MANAGED: "1", LABEL_EGRESS: "1"},
+                    check_duplicate=True,
+                )
+        return EGRESS_NETWORK
+
+    def start_proxy(self, spec: ProxySpec) -> str:
+        """Create and start the run's proxy; returns its container id."""
+        egress = self.ensure_egress_network()
+        container: Container = self.client.containers.create(
+            image=spec.image,
+            detach=True,
+            environment=dict(spec.env),
+            labels=spec.run.labels(ROLE_PROXY),
+            name=f"{spec.run.name}-proxy" if spec.run.name else None,
+            network=egress,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            read_only=True,
+            mem_limit=PROXY_MEMORY_BYTES,
+            memswap_limit=PROXY_MEMORY_BYTES,
+            pids_limit=PROXY_PIDS,
+            user="nobody",
+        )
+        try:
+            self.client.api.connect_container_to_network(
+                container.id, spec.run_network, aliases=[spec.alias]
+            )
+            self.client.api.start(container.id)
+        except BaseException:
+            self.remove(str(container.id))
+            raise
         return str(container.id)
 
     def put_archive(self, container_id: str, path: str, data: bytes) -> None:
@@ -255,11 +372,34 @@ class DockerRuntime:
             )
         return found
 
+    def leftover_networks(self, store: str) -> list[Leftover]:
+        """The run networks that belong to `store`."""
+        found = []
+        labels_filter = [f"{LABEL_MANAGED}=1", f"{LABEL_STORE}={store}"]
+        for n in self.client.api.networks(filters={"label": labels_filter}):
+            labels = n.get("Labels") or {}
+            run = labels.get(LABEL_RUN, "")
+            found.append(
+                Leftover(
+                    container_id=n["Id"],
+                    run_id=int(run) if run.isdigit() else None,
+                    owner=labels.get(LABEL_OWNER, ""),
+                    status="",
+                    kind="network",
+                )
+            )
+        return found
+
     def reap(self, store: str, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
-        """Remove every container of `store` whose run `is_dead` says is over; returns them."""
+        """Remove every container, then network, of `store` whose run `is_dead` says is over."""
         removed = []
         for leftover in self.leftovers(store):
             if is_dead(leftover):
                 self.remove(leftover.container_id)
+                removed.append(leftover)
+        # Containers first: a network with a container attached cannot go.
+        for leftover in self.leftover_networks(store):
+            if is_dead(leftover):
+                self.remove_network(leftover.container_id)
                 removed.append(leftover)
         return removed

@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from bot.cacerts import read_certificates
 from bot.errors import SettingsError
+from bot.network import HOST_EXPECTED, NetworkLimits, NetworkMode, valid_host_pattern
 from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
 from bot.secretscan import check_secret_value
 
@@ -99,6 +100,14 @@ class Settings(BaseSettings):
     # whose proxy presents its own CA to package registries.
     extra_ca_certs: Path | None = None
 
+    # The network policy every repository's runs live under (see bot/network.py): hosts added to
+    # every allowlist, hosts refused whatever a repository asks, the widest mode a repository
+    # may ask for, and named internal hosts that may resolve to private addresses.
+    network_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    network_deny: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    network_max_mode: NetworkMode = NetworkMode.OPEN
+    network_internal_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     app_id: int | None = None
     private_key: SecretStr | None = None
     private_key_path: Path | None = None
@@ -127,6 +136,17 @@ class Settings(BaseSettings):
             return parse_duration(value)
         except ValueError:
             raise ValueError("expected a duration like 90s, 30m or 1h30m") from None
+
+    @field_validator("network_allow", "network_deny", "network_internal_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        hosts = _split_secrets(value)
+        if isinstance(hosts, list):
+            for host in hosts:
+                if not isinstance(host, str) or not valid_host_pattern(host.lower()):
+                    raise ValueError(f"expected {HOST_EXPECTED}, got {host!r}")
+            return [h.lower() for h in hosts]
+        return hosts
 
     @field_validator("extra_ca_certs")
     @classmethod
@@ -185,6 +205,14 @@ class Settings(BaseSettings):
         for name, value in settings.configured_secrets().items():
             check_secret_value(name, value)
         return settings
+
+    def network_limits(self) -> NetworkLimits:
+        return NetworkLimits(
+            allow=tuple(self.network_allow),
+            deny=tuple(self.network_deny),
+            internal_hosts=tuple(self.network_internal_hosts),
+            max_mode=self.network_max_mode,
+        )
 
     @property
     def database_is_sqlite(self) -> bool:

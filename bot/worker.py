@@ -93,7 +93,9 @@ def reap(store: Store, runtime: DockerRuntime | None) -> list[str]:
             return False  # not ours to judge: only a provably dead owner (above) frees it
 
     for leftover in runtime.reap(store.key, is_dead):
-        said.append(f"removed container {leftover.container_id[:12]} of run {leftover.run_id}")
+        said.append(
+            f"removed {leftover.kind} {leftover.container_id[:12]} of run {leftover.run_id}"
+        )
     return said
 
 

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from bot.cli.common import open_app
 from bot.engine import RunContext
+from bot.network import blocked_text
 from bot.states import PHASES, PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import dispatch
@@ -165,6 +166,11 @@ def print_summary(console: Console, store: Store, run: Run, branch: str, seconds
         console.print("  agent's summary:", highlight=False)
         for line in run.summary.strip().splitlines()[:10]:
             console.print(f"    > {line}", highlight=False, markup=False)
+    blocked = (run.report or {}).get("network_blocked") or []
+    if blocked:
+        console.print("  network:  blocked hosts", highlight=False)
+        for line in blocked_text(blocked):
+            console.print(f"  {line}", highlight=False, markup=False)
     console.print(f"  duration: {seconds:.1f}s", highlight=False)
 
 
