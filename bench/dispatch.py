@@ -4,7 +4,11 @@ Both sides use the warm base image; Trimo's mirror is warm too. Trimo's side inc
 user waits for: process start, store, mirror fetch, branch, checkout upload, the runner's protocol,
 the bundle hand-back, verification and the push. Runs alternate, so machine noise hits both alike.
 
-    python bench/dispatch.py [--rounds 7]
+The allowlist rows: the same `trimo run` with `network: {mode: allowlist}` (the run's own network
+and its egress proxy) against `network: {mode: none}` (neither), and a 50 MB download from a local
+HTTP server on the egress network, through a run's proxy against a container fetching it directly.
+
+    python bench/dispatch.py [--rounds 7] [--no-network]
 """
 
 from __future__ import annotations
@@ -80,9 +84,108 @@ def bare_run() -> float:
     return time.perf_counter() - started
 
 
+def network_repo(path: Path, mode: str) -> Path:
+    make_repo(path)
+    (path / ".trimo").mkdir()
+    (path / ".trimo" / "config.yml").write_text(f"network: {{mode: {mode}}}\n")
+    env = {**os.environ, **GIT_ENV}
+    sh("git", "add", "-A", cwd=path, env=env)
+    sh("git", "commit", "-qm", f"network {mode}", cwd=path, env=env)
+    return path
+
+
+def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
+    """What the run's network and proxy add to a dispatch, and the proxy's download speed."""
+    none_repo = network_repo(tmp / "none", "none")
+    allow_repo = network_repo(tmp / "allow", "allowlist")
+    data = tmp / "data-net"
+    trimo_run(none_repo, data, -1)
+    trimo_run(allow_repo, data, -1)
+    none_times, allow_times = [], []
+    for i in range(rounds):
+        none_times.append(trimo_run(none_repo, data, i))
+        allow_times.append(trimo_run(allow_repo, data, i))
+    n, a = statistics.median(none_times), statistics.median(allow_times)
+    direct, proxied = download_speeds(tmp, data, max(3, rounds // 2))
+    d, p = statistics.median(direct), statistics.median(proxied)
+    return {
+        "mode_none_median_s": round(n, 3),
+        "mode_allowlist_median_s": round(a, 3),
+        "network_and_proxy_added_s": round(a - n, 3),
+        "download_mb": DOWNLOAD_MB,
+        "direct_mb_s": round(d, 1),
+        "proxied_mb_s": round(p, 1),
+        "download_ratio": round(p / d, 2),
+        "direct_runs_mb_s": [round(x, 1) for x in direct],
+        "proxied_runs_mb_s": [round(x, 1) for x in proxied],
+    }
+
+
+DOWNLOAD_MB = 50
+SERVER = "trimo-bench-files"
+CURL = "curl -s --noproxy '' -o /dev/null -w '%{{speed_download}}\\n' http://{server}:8080/blob"
+
+
+def download_speeds(tmp: Path, data: Path, rounds: int) -> tuple[list[float], list[float]]:
+    """MB/s of a 50 MB download: a container on the egress network straight from the server,
+    against a run's agent through its proxy (the server named an internal host, so allowed)."""
+    sh("docker", "network", "inspect", "trimo-egress")  # made by the runs above
+    script = (
+        f"head -c {DOWNLOAD_MB * 1024 * 1024} /dev/zero > /tmp/blob && cd /tmp && "
+        "python3 -m http.server 8080"
+    )
+    subprocess.run(["docker", "rm", "-f", SERVER], check=False, capture_output=True)
+    sh(
+        "docker", "run", "-d", "--name", SERVER, "--network", "trimo-egress",
+        "--entrypoint", "bash", IMAGE, "-c", script,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            probe = subprocess.run(
+                ["docker", "exec", SERVER, "curl", "-sf", "-o", "/dev/null", "localhost:8080/blob"],
+                check=False,
+            )
+            if probe.returncode == 0:
+                break
+            time.sleep(0.1)
+        repo = network_repo(tmp / "download", "allowlist")
+        fetches = " ; ".join([CURL.format(server=SERVER).replace("--noproxy ''", "")] * rounds)
+        env = {
+            **os.environ,
+            "TRIMO_DATA_DIR": str(data),
+            "TRIMO_NETWORK_ALLOW": SERVER,
+            "TRIMO_NETWORK_INTERNAL_HOSTS": SERVER,
+        }
+        direct: list[float] = []
+        for _ in range(rounds):
+            out = sh(
+                "docker", "run", "--rm", "--network", "trimo-egress", "--entrypoint", "bash",
+                IMAGE, "-c", CURL.format(server=SERVER),
+            ).stdout  # fmt: skip
+            direct.append(float(out.split()[-1]) / 1e6)
+        run = subprocess.run(
+            [sys.executable, "-m", "bot", "run", "--repo", str(repo), "--task", "download",
+             "--agent", fetches],
+            check=True, env=env, cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        speeds = [
+            float(word)
+            for line in run.stdout.splitlines()
+            for word in line.split()[-1:]
+            if word.replace(".", "", 1).isdigit() and float(word) > 1e5
+        ]
+        proxied = [x / 1e6 for x in speeds[:rounds]]
+        if len(proxied) < rounds:
+            raise SystemExit("the run did not report its downloads:\n" + run.stdout[-2000:])
+        return direct, proxied
+    finally:
+        subprocess.run(["docker", "rm", "-f", SERVER], check=False, capture_output=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-network", action="store_true", help="Skip the allowlist rows.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="trimo-bench-") as tmp:
         repo, data = Path(tmp) / "repo", Path(tmp) / "data"
@@ -93,6 +196,7 @@ def main() -> None:
         for i in range(args.rounds):
             bare_times.append(bare_run())
             trimo_times.append(trimo_run(repo, data, i))
+        net = {} if args.no_network else network_rows(args.rounds, Path(tmp))
     t, b = statistics.median(trimo_times), statistics.median(bare_times)
     result = {
         "bench": "dispatch",
@@ -103,12 +207,22 @@ def main() -> None:
         "ratio": round(t / b, 2),
         "trimo_runs_s": [round(x, 3) for x in trimo_times],
         "bare_runs_s": [round(x, 3) for x in bare_times],
+        **net,
     }
     print(json.dumps(result))
     print(
         f"trimo run {t:.2f}s vs bare docker run {b:.2f}s (medians of {args.rounds}): "
         f"overhead {t - b:.2f}s, ratio {t / b:.2f}x (target: overhead under 1.5 s)"
     )
+    if net:
+        print(
+            f"allowlist {net['mode_allowlist_median_s']}s vs none {net['mode_none_median_s']}s: "
+            f"network and proxy add {net['network_and_proxy_added_s']}s (target: under 0.3 s)"
+        )
+        print(
+            f"{DOWNLOAD_MB} MB through the proxy {net['proxied_mb_s']} MB/s vs direct "
+            f"{net['direct_mb_s']} MB/s: {net['download_ratio']}x (target: at least 0.8x)"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bot.errors import ConfigError
+from bot.network import NetworkMode
 from bot.paths import is_protected
 from bot.repoconfig import (
     AGENT_PRESETS,
@@ -37,7 +38,8 @@ def test_an_empty_file_gives_the_defaults() -> None:
         4 * 1024**3,
         1024,
     )
-    assert config.network == "bridge"
+    assert config.network.mode == NetworkMode.ALLOWLIST
+    assert config.network.presets == ["debian", "pypi", "npm"] and config.network.allow == []
     assert config.protected_paths == [".github/workflows/**"]
     assert config.trigger_label is None
 
@@ -71,7 +73,7 @@ trigger_label: robot
     assert config.timeout_seconds == 5400 and config.timeout_or(60) == 5400
     assert config.resources.memory_bytes == 512 * 1024**2
     assert (config.resources.cpus, config.resources.pids) == (0.5, 256)
-    assert config.network == "none" and config.trigger_label == "robot"
+    assert config.network.mode == NetworkMode.NONE and config.trigger_label == "robot"
 
 
 @pytest.mark.parametrize(
@@ -153,7 +155,25 @@ def test_a_preset_supplies_the_command_and_its_secrets() -> None:
             "timeout: 25h",
             "timeout: expected a duration like 90s, 30m or 1h30m (between 10s and 24h), got '25h'",
         ),
-        ("network: host", "network: expected 'bridge' or 'none', got 'host'"),
+        (
+            "network: host",
+            "network: expected a mapping with the keys mode, presets, allow, got 'host'",
+        ),
+        ("network: {mode: all}", "network.mode: expected one of none, allowlist, open, got 'all'"),
+        (
+            "network: {presets: [pypi, cpan]}",
+            "network.presets[1]: expected one of debian, pypi, npm, go, crates, rubygems, maven, "
+            "github, got 'cpan'",
+        ),
+        (
+            "network: {allow: ['https://api.example.com/v1']}",
+            "network.allow[0]: expected a host name like api.example.com or *.example.com "
+            "(no scheme, path or port), got 'https://api.example.com/v1'",
+        ),
+        (
+            "network: {mode: open, proxy: x}",
+            "network.proxy: unknown key; expected one of: mode, presets, allow",
+        ),
         (
             "agent: {preset: gpt}",
             "agent.preset: expected one of claude-code, codex, aider, got 'gpt'",
@@ -285,3 +305,25 @@ def test_protected_paths_follow_gitignore_rules(
     path: str, patterns: list[str], protected: bool
 ) -> None:
     assert is_protected(path, patterns) is protected
+
+
+def test_the_network_section_and_its_old_form() -> None:
+    config = parse_repo_config(
+        "network:\n  mode: open\n  presets: [go, github]\n"
+        "  allow: ['*.Mirror.example', 'api.example.com.']\n"
+    )
+    assert config.network.mode == NetworkMode.OPEN
+    assert config.network.presets == ["go", "github"]
+    assert config.network.allow == ["*.mirror.example", "api.example.com"]
+    assert config.network.old_form_note() is None
+    # The old `network: bridge|none` still reads, and the run's log says what it became.
+    old = parse_repo_config("network: bridge\n").network
+    assert old.mode == NetworkMode.OPEN
+    assert old.old_form_note() == (
+        "network: 'bridge' is the old form of this setting and now means {mode: open}; write "
+        "`network: {mode: open}` (or drop it for the allowlist default) in .trimo/config.yml"
+    )
+    assert parse_repo_config("network: none\n").network.mode == NetworkMode.NONE
+    assert _error("network: {old_form: bridge}") == (
+        ".trimo/config.yml: network: unknown key; expected one of: mode, presets, allow"
+    )

@@ -17,6 +17,7 @@ from bot.github.reporter import (
     render_comment,
 )
 from bot.junit import TestReport
+from bot.network import Blocked, summarize
 from bot.states import RunState
 from tests.github_fake import FakeGitHub, fake_github  # noqa: F401
 
@@ -305,3 +306,15 @@ def test_a_run_whose_result_was_refused_says_so_and_a_missing_test_report_is_nam
     assert check_run_payload(refused)["output"]["title"] == "Tests: no test report (exit 0)"
     # Never started (not authorized): the heading says that instead.
     assert "was not started" in render_comment(view(RunState.REJECTED, reason="no write access"))
+
+
+def test_blocked_hosts_are_listed_with_counts_and_the_line_that_allows_each() -> None:
+    rows = summarize([Blocked("CONNECT", "example.org", 443, "allow", "not in network.allow")] * 3)
+    v = view(RunState.SUCCEEDED, blocked=rows)
+    for text in (render_comment(v), check_run_payload(v)["output"]["summary"]):
+        assert "**Network: blocked hosts**" in text
+        assert (
+            '| `example.org:443` | 3 | not in network.allow | `network: {allow: ["example.org"]}'
+            in text
+        )
+    assert "blocked hosts" not in render_comment(view(RunState.SUCCEEDED))

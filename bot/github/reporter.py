@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from bot.github.client import GitHubClient
 from bot.junit import TestReport
+from bot.network import blocked_markdown
 from bot.states import PHASES, RunState
 
 COMMENT_MAX = 65536
@@ -98,6 +99,8 @@ class RunView:
     superseded_by: int | None = None
     log_url: str | None = None
     commits: list[tuple[str, str]] = field(default_factory=list)  # (sha, subject)
+    # Hosts the egress proxy refused (bot.network.summarize): host, port, count, reason, fix.
+    blocked: list[dict[str, Any]] = field(default_factory=list)
 
 
 class IdStore(Protocol):
@@ -175,6 +178,8 @@ def _comment(
         if len(failures) < len(view.failures):
             lines.append(f"- … and {len(view.failures) - len(failures)} more")
         lines.append("")
+    if view.blocked:
+        lines += [*blocked_markdown(view.blocked), ""]
     if summary:
         lines += [AGENT_SUMMARY, "", summary, ""]
     links = _links(view)
@@ -329,6 +334,8 @@ def _check_summary(view: RunView) -> str:
     lines = [_byline(view) or f"Run #{view.run_id}", "", _checklist(view)]
     if view.reason:
         lines += ["", f"**Why:** {_clean(view.reason)}"]
+    if view.blocked:
+        lines += ["", *blocked_markdown(view.blocked)]
     links = _links(view)
     if links:
         lines += ["", links]
