@@ -54,7 +54,7 @@ def host_addresses() -> list[str]:
     with contextlib.suppress(OSError):
         for line in Path("/proc/net/if_inet6").read_text().splitlines():
             raw = line.split()[0]
-            found.add(str(ipaddress.ip_address(int(raw, 16))))
+            found.add(str(ipaddress.IPv6Address(int(raw, 16))))
     return sorted(found)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import docker
 import pytest
 
+from bot.egress import host_addresses
 from bot.network import NetworkMode
 from bot.runtime import (
     EGRESS_NETWORK,
@@ -278,6 +279,10 @@ def test_proxy_refuses_private_destinations_before_connecting(
         "[fe80::1]:80",
         f"{file_server}:8080",
     ]
+    # The host's own addresses that no other rule covers (here a documentation-range address).
+    covered = ("127.", "10.", "172.", "192.168.", "169.254.", "100.")
+    own = [a for a in host_addresses() if a.count(".") == 3 and not a.startswith(covered)]
+    targets += [f"{a}:22" for a in own]
     r = trimo(
         "run",
         "--repo",
@@ -299,6 +304,7 @@ def test_proxy_refuses_private_destinations_before_connecting(
         "[::1]:80": "a loopback address",
         "[fe80::1]:80": "a link-local address",
         f"{file_server}:8080": "a private address",
+        **{f"{a}:22": f"{a} is one of the host's own addresses" for a in own},
     }
     for target, why in expected.items():
         status = answers[target]["status"]
