@@ -14,12 +14,12 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 
 from bot import images
+from bot.errors import TrimoError
 from bot.network import PROXY_ALIAS, PROXY_PORT, Blocked, NetworkPolicy, parse_proxy_line
 from bot.runtime import ContainerSpec, DockerRuntime, ProxySpec
 
@@ -58,42 +58,64 @@ def host_addresses() -> list[str]:
     return sorted(found)
 
 
-@dataclass
 class RunNetwork:
-    """The network (and proxy) of one run; `close` removes both, whatever happened."""
+    """The network (and proxy) of one run, made on a thread of its own while the run's image and
+    container are prepared; `ready` waits for it, `close` removes both, whatever happened."""
 
-    runtime: DockerRuntime
-    name: str
-    network_id: str
-    on_blocked: Callable[[Blocked], None]
-    proxy_id: str | None = None
-    blocked: list[Blocked] = field(default_factory=list)
-    _reader: threading.Thread | None = None
-
-    @classmethod
-    def create(
-        cls,
+    def __init__(
+        self,
         runtime: DockerRuntime,
         spec: ContainerSpec,
+        policy: NetworkPolicy,
         on_blocked: Callable[[Blocked], None],
-    ) -> RunNetwork:
-        name = spec.network
-        return cls(runtime, name, runtime.create_network(name, spec), on_blocked)
+        proxy_image: Callable[[], str],
+    ) -> None:
+        self.runtime = runtime
+        self.name = spec.network
+        self.on_blocked = on_blocked
+        self.network_id: str | None = None
+        self.proxy_id: str | None = None
+        self.blocked: list[Blocked] = []
+        self._error: BaseException | None = None
+        self._reader: threading.Thread | None = None
+        self._closing = False
+        self._closer: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._maker = threading.Thread(
+            target=self._make, args=(spec, policy, proxy_image), name=f"{self.name}-make"
+        )
+        self._maker.start()
 
-    def start_proxy(self, image: str, spec: ContainerSpec, policy: NetworkPolicy) -> None:
-        self.proxy_id = self.runtime.start_proxy(
-            ProxySpec(
-                image=image,
-                run=spec,
-                run_network=self.name,
-                alias=PROXY_ALIAS,
-                env={"TRIMO_PROXY_POLICY": policy.proxy_json()},
+    def _make(
+        self, spec: ContainerSpec, policy: NetworkPolicy, proxy_image: Callable[[], str]
+    ) -> None:
+        try:
+            self.network_id = self.runtime.create_network(self.name, spec)
+            image = proxy_image()
+            with self._lock:
+                if self._closing:
+                    return
+                self.proxy_id = self.runtime.start_proxy(
+                    ProxySpec(
+                        image=image,
+                        run=spec,
+                        run_network=self.name,
+                        alias=PROXY_ALIAS,
+                        env={"TRIMO_PROXY_POLICY": policy.proxy_json()},
+                    )
+                )
+            self._reader = threading.Thread(
+                target=self._read, name=f"{self.name}-proxy-log", daemon=True
             )
-        )
-        self._reader = threading.Thread(
-            target=self._read, name=f"{self.name}-proxy-log", daemon=True
-        )
-        self._reader.start()
+            self._reader.start()
+        except Exception as exc:  # noqa: BLE001 - handed to the engine's thread by ready()
+            self._error = exc
+
+    def ready(self) -> None:
+        """Wait until network and proxy are up; raises what went wrong making them."""
+        self._maker.join()
+        if self._error is not None:
+            raise TrimoError(f"the run's network or egress proxy could not start: {self._error}")
 
     def _read(self) -> None:
         assert self.proxy_id is not None
@@ -106,11 +128,32 @@ class RunNetwork:
         except docker.errors.DockerException as exc:
             log.debug("proxy log of %s ended: %s", self.name, exc)
 
+    def release(self) -> None:
+        """The run's container has exited: the proxy and network go on a thread of their own,
+        while the engine publishes the result; `close` waits for them."""
+        with self._lock:
+            if self._closer is not None:
+                return
+            self._closer = threading.Thread(target=self._remove, name=f"{self.name}-close")
+        self._closer.start()
+
     def close(self) -> None:
+        self.release()
+        assert self._closer is not None
+        self._closer.join()
+        if self.network_id is not None:
+            # Removal failed while the run's container held it: it has gone by now.
+            self.runtime.remove_network(self.network_id)
+
+    def _remove(self) -> None:
+        with self._lock:
+            self._closing = True
+        self._maker.join()
         if self.proxy_id is not None:
             # Stopping first lets the log stream end with every line read.
             self.runtime.kill(self.proxy_id)
             if self._reader is not None:
                 self._reader.join(LOG_JOIN_SECONDS)
             self.runtime.remove(self.proxy_id)
-        self.runtime.remove_network(self.network_id)
+        if self.network_id is not None and self.runtime.remove_network(self.network_id):
+            self.network_id = None

@@ -8,6 +8,7 @@ outside the container (`docker stop`, which makes the runner checkpoint the work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -161,11 +162,13 @@ class Engine:
         container_id: str | None = None
         network: list[RunNetwork] = []
         try:
-            checkout, config, image = self._prepare(run, ctx, masker, obs)
+            checkout, config, image, spec = self._prepare(run, ctx, masker, obs, network)
             secrets = self._secrets(config)
             masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
-            container_id = self._create(run, checkout, config, image, secrets, network, obs)
+            container_id = self._create(run, checkout, config, image, spec, secrets, network)
             outcome, out_dir = self._watch(run, container_id, config, masker, obs)
+            for net in network:
+                net.release()
             # Every value the run was given: none of them may leave in what Trimo publishes.
             handed_out = {**ctx.extra_secrets, **secrets}
             try:
@@ -209,8 +212,8 @@ class Engine:
     # -- preparing: workspace, config, image ----------------------------------------------------
 
     def _prepare(
-        self, run: Run, ctx: RunContext, masker: Masker, obs: Observer
-    ) -> tuple[Checkout, RepoConfig, str]:
+        self, run: Run, ctx: RunContext, masker: Masker, obs: Observer, network: list[RunNetwork]
+    ) -> tuple[Checkout, RepoConfig, str, ContainerSpec]:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         checkout = self.workspace.prepare(
             ctx.remote, pipeline.branch, ctx.default_branch, start_ref=ctx.start_ref
@@ -233,12 +236,47 @@ class Engine:
         # or a pull request's head: a PR cannot change what runs with the run's secrets.
         raw = self.workspace.read_file(checkout, checkout.default_head, CONFIG_FILE)
         config = parse_repo_config(raw.decode("utf-8", "replace")) if raw else RepoConfig()
-        image = self._image(run, checkout, config, masker, obs)
+        policy = self._policy(run, config, obs)
+        name = f"trimo-run-{run.id}-{int(time.time())}"
+        spec = ContainerSpec(
+            image="",  # known once the image is built or found
+            run_id=run.id,
+            pipeline_id=run.pipeline_id,
+            owner=self.owner,
+            cpus=config.resources.cpus,
+            memory_bytes=config.resources.memory_bytes,
+            pids=config.resources.pids,
+            network="none" if policy.mode == NetworkMode.NONE else name,
+            name=name,
+            store=self.store.key,
+        )
+        base_ready = threading.Event()
+        if policy.mode != NetworkMode.NONE:
+            # Network and proxy are made while the image is checked or built.
+            network.append(
+                RunNetwork(
+                    self.runtime,
+                    spec,
+                    policy,
+                    self._on_blocked(run, obs),
+                    lambda: self._proxy_image(base_ready),
+                )
+            )
+        try:
+            image = self._image(run, checkout, config, masker, obs, base_ready)
+        finally:
+            base_ready.set()
         self.store.update_run(run.id, image_tag=image)
-        return checkout, config, image
+        return checkout, config, image, dataclasses.replace(spec, image=image)
 
     def _image(
-        self, run: Run, checkout: Checkout, config: RepoConfig, masker: Masker, obs: Observer
+        self,
+        run: Run,
+        checkout: Checkout,
+        config: RepoConfig,
+        masker: Masker,
+        obs: Observer,
+        base_ready: threading.Event,
     ) -> str:
         def progress(line: str) -> None:
             # A build can take minutes: its steps are shown as they happen.
@@ -247,6 +285,7 @@ class Engine:
             obs.logs(run, masked)
 
         base = images.ensure_base(self.docker, progress, self.extra_ca_certs)
+        base_ready.set()
         with tempfile.TemporaryDirectory(prefix="trimo-ctx-") as tmp:
             dest = Path(tmp) / CONFIG_DIR
             self.workspace.extract_dir(checkout, checkout.default_head, CONFIG_DIR, dest)
@@ -294,69 +333,50 @@ class Engine:
         checkout: Checkout,
         config: RepoConfig,
         image: str,
+        spec: ContainerSpec,
         secrets: dict[str, str],
         network: list[RunNetwork],
-        obs: Observer,
     ) -> str:
         agent = None if run.mode == RunMode.TESTS else (run.agent_command or config.agent_command())
-        policy = self._policy(run, config, obs)
-        name = f"trimo-run-{run.id}-{int(time.time())}"
-        spec = ContainerSpec(
-            image=image,
-            run_id=run.id,
-            pipeline_id=run.pipeline_id,
-            owner=self.owner,
-            env=secrets,
-            cpus=config.resources.cpus,
-            memory_bytes=config.resources.memory_bytes,
-            pids=config.resources.pids,
-            network="none" if policy.mode == NetworkMode.NONE else name,
-            name=name,
-            store=self.store.key,
-        )
-        proxy: threading.Thread | None = None
-        proxy_error: list[BaseException] = []
-        if policy.mode != NetworkMode.NONE:
-            network.append(RunNetwork.create(self.runtime, spec, self._on_blocked(run, obs)))
-            proxy_image = self._proxy_image()
-
-            def start_proxy() -> None:
-                try:
-                    network[0].start_proxy(proxy_image, spec, policy)
-                except Exception as exc:  # noqa: BLE001 - raised on the engine's thread below
-                    proxy_error.append(exc)
-
-            # The proxy starts while the run's container is made and filled.
-            proxy = threading.Thread(target=start_proxy, name=f"run-{run.id}-proxy")
-            proxy.start()
+        cid = self.runtime.create(dataclasses.replace(spec, env=secrets))
         try:
-            cid = self.runtime.create(spec)
-            self.store.update_run(run.id, container_id=cid)
-            run_json = {
-                "run_id": run.id,
-                "base": checkout.base,
-                "agent_command": agent,
-                "test_command": config.test.command,
-                "secret_names": sorted(secrets),
-                "heartbeat_seconds": self.heartbeat_seconds,
-                "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
-                "proxy": None if policy.mode == NetworkMode.NONE else PROXY_URL,
-            }
-            # Rooted at "workspace" and put at "/", so /workspace itself is the agent's too.
-            with self.workspace.checkout_tar(checkout, root=WORKSPACE.strip("/")) as tar:
-                self.runtime.put_archive(cid, "/", tar.read())
-            inputs = {
-                f"{IN_DIR.lstrip('/')}/run.json": json.dumps(run_json),
-                f"{IN_DIR.lstrip('/')}/task.md": _task_text(run),
-            }
-            self.runtime.put_archive(cid, "/", files_tar(inputs))
-        finally:
-            if proxy is not None:
-                proxy.join()
-        if proxy_error:
+            self._fill(run, cid, checkout, config, agent, secrets, network)
+        except BaseException:
             self.runtime.remove(cid)
-            raise TrimoError(f"the run's egress proxy did not start: {proxy_error[0]}")
+            raise
         return cid
+
+    def _fill(
+        self,
+        run: Run,
+        cid: str,
+        checkout: Checkout,
+        config: RepoConfig,
+        agent: str | None,
+        secrets: dict[str, str],
+        network: list[RunNetwork],
+    ) -> None:
+        self.store.update_run(run.id, container_id=cid)
+        run_json = {
+            "run_id": run.id,
+            "base": checkout.base,
+            "agent_command": agent,
+            "test_command": config.test.command,
+            "secret_names": sorted(secrets),
+            "heartbeat_seconds": self.heartbeat_seconds,
+            "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
+            "proxy": PROXY_URL if network else None,
+        }
+        # Rooted at "workspace" and put at "/", so /workspace itself is the agent's too.
+        with self.workspace.checkout_tar(checkout, root=WORKSPACE.strip("/")) as tar:
+            self.runtime.put_archive(cid, "/", tar.read())
+        inputs = {
+            f"{IN_DIR.lstrip('/')}/run.json": json.dumps(run_json),
+            f"{IN_DIR.lstrip('/')}/task.md": _task_text(run),
+        }
+        self.runtime.put_archive(cid, "/", files_tar(inputs))
+        for net in network:
+            net.ready()  # the run's container joins a network whose proxy answers
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -374,8 +394,10 @@ class Engine:
         )
         return policy
 
-    def _proxy_image(self) -> str:
-        # The base was just ensured; the proxy follows it by content hash (a lookup when current).
+    def _proxy_image(self, base_ready: threading.Event) -> str:
+        # FROM the base: once it is ensured, the proxy follows it by content hash (a lookup when
+        # nothing changed).
+        base_ready.wait()
         return ensure_proxy_image(self.docker)
 
     def _on_blocked(self, run: Run, obs: Observer) -> Callable[[Blocked], None]:

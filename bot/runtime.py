@@ -204,13 +204,16 @@ class DockerRuntime:
         )
         return str(network.id)
 
-    def remove_network(self, network_id: str) -> None:
+    def remove_network(self, network_id: str) -> bool:
+        """Remove a network; False when it is still in use (the reason is logged)."""
         try:
             self.client.api.remove_network(network_id)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
             log.warning("could not remove network %s: %s", network_id[:12], exc)
+            return False
+        return True
 
     def ensure_egress_network(self) -> str:
         """The engine's egress network, made on first use; shared by every run's proxy."""

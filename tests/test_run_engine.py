@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from bot.runtime import LABEL_RUN
+from bot.runtime import LABEL_ROLE, LABEL_RUN, LABEL_STORE
 from bot.states import RunState
 from bot.store import Store
 from tests.containers import git, make_repo
@@ -288,9 +288,12 @@ def test_killed_trimo_run_is_reaped_by_the_next_command(
     repo = light_repo(tmp_path / "repo")
     proc = trimo.popen("run", "--repo", str(repo), "--task", "Long work", "--agent", "sleep 300")
     store = trimo.store()
+    mine = {"label": [f"{LABEL_RUN}=1", f"{LABEL_STORE}={store.key}"]}
     try:
         wait_for_state(store, 1, RunState.AGENT)
-        assert len(containers_of(docker_client, 1)) == 1
+        roles = [c.labels[LABEL_ROLE] for c in docker_client.containers.list(filters=mine)]
+        assert sorted(roles) == ["proxy", "run"]
+        assert len(docker_client.networks.list(filters=mine)) == 1
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -300,8 +303,9 @@ def test_killed_trimo_run_is_reaped_by_the_next_command(
     run = store.get_run(1)
     assert run.state == RunState.ERROR
     assert "stopped without finishing" in (run.reason or "")
-    assert containers_of(docker_client, 1) == []
-    assert "removed container" in r.stderr
+    assert docker_client.containers.list(all=True, filters=mine) == []
+    assert docker_client.networks.list(filters=mine) == []
+    assert "removed container" in r.stderr and "removed network" in r.stderr
 
 
 @pytest.fixture
