@@ -39,19 +39,21 @@ ROLE_NETWORK = "network"
 EGRESS_NETWORK = "trimo-egress"
 LABEL_EGRESS = "trimo.egress"
 
-# Every capability is dropped; these come back because preboot (root, before the agent) needs
-# them, found by running the examples and the sample with less:
-#   CHOWN         the runner hands /workspace and /trimo/out to uid 1000; Postgres' init scripts
-#                 chown its socket and data folders to postgres
-#   DAC_OVERRIDE  root reads and writes files it does not own (Postgres' 0700 data folder, its
-#                 0640 configuration) while starting services as their users
-#   FOWNER        chmod of folders root does not own (/var/run/postgresql after its chown)
-#   SETUID/SETGID the runner switches to the agent user; `su`/`runuser` start Postgres, Redis
-#                 and Celery as their own users
-#   KILL          the runner signals the agent's process group (uid 1000) on stop and timeout;
-#                 `service ... stop` signals services running as other users
-# The agent (uid 1000) holds none of them: a uid change clears the effective set, and
-# no-new-privileges keeps setuid binaries (su, sudo) from giving them back.
+# Every capability is dropped; these come back because the runner and preboot (root, before the
+# agent) need them. Found by running the three examples with each one left out in turn:
+#   CHOWN         the runner hands /trimo/out and /workspace to uid 1000 (without it every run
+#                 stops before preboot); Postgres' init script chowns its socket folder
+#   DAC_OVERRIDE  root writes files it does not own: the Django example's preboot appends to the
+#                 Celery worker's log, which belongs to the agent user
+#   FOWNER        Postgres' init script chmods /var/run/postgresql after handing it to postgres
+#   SETGID/SETUID pg_ctlcluster becomes postgres ("Could not change group/user id" without);
+#                 the runner becomes the agent; runuser starts Celery as the agent
+#   KILL          the runner signals the agent's process group (another uid) on stop and timeout:
+#                 without it the runner fails there and the checkpoint is lost
+# Left out, among Docker's defaults: NET_RAW (no raw sockets, so no forged packets on the run's
+# network), NET_BIND_SERVICE, FSETID, SETPCAP, SETFCAP, MKNOD, SYS_CHROOT, AUDIT_WRITE.
+# The agent (uid 1000) holds none: a uid change clears the effective set, and no-new-privileges
+# keeps setuid binaries (su, sudo) from giving any back.
 RUN_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "KILL")
 DEFAULT_MEMORY_BYTES = 4 * 1024**3
 DEFAULT_PIDS = 1024

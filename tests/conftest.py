@@ -11,6 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from bot.egress import PROXY_IMAGE
 from bot.images import BASE_IMAGE, ensure_base
 from bot.runtime import LABEL_OWNER, DockerRuntime
 from tests.containers import TEST_OWNER
@@ -38,7 +39,7 @@ def shared_dir() -> Path:
     return beside
 
 
-KEEP_IMAGES = {BASE_IMAGE, "debian:bookworm"}
+KEEP_IMAGES = {BASE_IMAGE, PROXY_IMAGE, "debian:bookworm"}
 
 
 @pytest.fixture(scope="session")
