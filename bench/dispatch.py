@@ -106,7 +106,7 @@ def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
         none_times.append(trimo_run(none_repo, data, i))
         allow_times.append(trimo_run(allow_repo, data, i))
     n, a = statistics.median(none_times), statistics.median(allow_times)
-    direct, proxied = download_speeds(tmp, data, max(3, rounds // 2))
+    direct, proxied = download_speeds(max(5, rounds))
     d, p = statistics.median(direct), statistics.median(proxied)
     return {
         "mode_none_median_s": round(n, 3),
@@ -126,10 +126,19 @@ SERVER = "trimo-bench-files"
 CURL = "curl -s --noproxy '' -o /dev/null -w '%{{speed_download}}\\n' http://{server}:8080/blob"
 
 
-def download_speeds(tmp: Path, data: Path, rounds: int) -> tuple[list[float], list[float]]:
-    """MB/s of a 50 MB download: a container on the egress network straight from the server,
-    against a run's agent through its proxy (the server named an internal host, so allowed)."""
-    sh("docker", "network", "inspect", "trimo-egress")  # made by the runs above
+def download_speeds(rounds: int) -> tuple[list[float], list[float]]:
+    """MB/s of a 50 MB download from a server on the egress network, alternating: a container
+    on the egress network fetching it directly, and a container on a run's network made by
+    Trimo's own code (`RunNetwork`: internal network, egress proxy, the same policy a run gets,
+    the server named an internal host) fetching it through the proxy."""
+    import docker
+
+    from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image
+    from bot.network import NetworkLimits, NetworkMode, resolve_policy
+    from bot.runtime import ContainerSpec, DockerRuntime
+
+    runtime = DockerRuntime(docker.from_env())
+    runtime.ensure_egress_network()
     script = (
         f"head -c {DOWNLOAD_MB * 1024 * 1024} /dev/zero > /tmp/blob && cd /tmp && "
         "python3 -m http.server 8080"
@@ -139,7 +148,28 @@ def download_speeds(tmp: Path, data: Path, rounds: int) -> tuple[list[float], li
         "docker", "run", "-d", "--name", SERVER, "--network", "trimo-egress",
         "--entrypoint", "bash", IMAGE, "-c", script,
     )  # fmt: skip
+    spec = ContainerSpec(
+        image=IMAGE, run_id=0, pipeline_id=0, owner="bench", network="trimo-bench-run",
+        name="trimo-bench-run", store="bench",
+    )  # fmt: skip
+    limits = NetworkLimits(allow=(SERVER,), internal_hosts=(SERVER,))
+    policy = resolve_policy(NetworkMode.ALLOWLIST, [], [], limits, [])
+    net = RunNetwork(
+        runtime, spec, policy, lambda _b: None, lambda: ensure_proxy_image(runtime.client)
+    )
+    clients: list[str] = []
     try:
+        net.ready()
+        for name, network in (
+            ("trimo-bench-direct", "trimo-egress"),
+            ("trimo-bench-proxied", spec.network),
+        ):
+            subprocess.run(["docker", "rm", "-f", name], check=False, capture_output=True)
+            sh(
+                "docker", "run", "-d", "--name", name, "--network", network,
+                "--entrypoint", "sleep", IMAGE, "600",
+            )  # fmt: skip
+            clients.append(name)
         for _ in range(100):
             probe = subprocess.run(
                 ["docker", "exec", SERVER, "curl", "-sf", "-o", "/dev/null", "localhost:8080/blob"],
@@ -148,37 +178,20 @@ def download_speeds(tmp: Path, data: Path, rounds: int) -> tuple[list[float], li
             if probe.returncode == 0:
                 break
             time.sleep(0.1)
-        repo = network_repo(tmp / "download", "allowlist")
-        fetches = " ; ".join([CURL.format(server=SERVER).replace("--noproxy ''", "")] * rounds)
-        env = {
-            **os.environ,
-            "TRIMO_DATA_DIR": str(data),
-            "TRIMO_NETWORK_ALLOW": SERVER,
-            "TRIMO_NETWORK_INTERNAL_HOSTS": SERVER,
-        }
+        fetch = CURL.format(server=SERVER)
         direct: list[float] = []
+        proxied: list[float] = []
         for _ in range(rounds):
-            out = sh(
-                "docker", "run", "--rm", "--network", "trimo-egress", "--entrypoint", "bash",
-                IMAGE, "-c", CURL.format(server=SERVER),
-            ).stdout  # fmt: skip
+            out = sh("docker", "exec", clients[0], "bash", "-c", fetch).stdout
             direct.append(float(out.split()[-1]) / 1e6)
-        run = subprocess.run(
-            [sys.executable, "-m", "bot", "run", "--repo", str(repo), "--task", "download",
-             "--agent", fetches],
-            check=True, env=env, cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        speeds = [
-            float(word)
-            for line in run.stdout.splitlines()
-            for word in line.split()[-1:]
-            if word.replace(".", "", 1).isdigit() and float(word) > 1e5
-        ]
-        proxied = [x / 1e6 for x in speeds[:rounds]]
-        if len(proxied) < rounds:
-            raise SystemExit("the run did not report its downloads:\n" + run.stdout[-2000:])
+            via = fetch.replace("--noproxy ''", f"--proxy {PROXY_URL}")
+            out = sh("docker", "exec", clients[1], "bash", "-c", via).stdout
+            proxied.append(float(out.split()[-1]) / 1e6)
         return direct, proxied
     finally:
+        for name in clients:
+            subprocess.run(["docker", "rm", "-f", name], check=False, capture_output=True)
+        net.close()
         subprocess.run(["docker", "rm", "-f", SERVER], check=False, capture_output=True)
 
 

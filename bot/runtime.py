@@ -57,9 +57,9 @@ LABEL_EGRESS = "trimo.egress"
 RUN_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "KILL")
 DEFAULT_MEMORY_BYTES = 4 * 1024**3
 DEFAULT_PIDS = 1024
-# The proxy is small and has nothing to protect from itself: no capability at all.
+# The proxy is small and needs no capability at all; a thread per direction of each connection.
 PROXY_MEMORY_BYTES = 128 * 1024**2
-PROXY_PIDS = 64
+PROXY_PIDS = 512
 
 # Bound what one tar member read from a container may weigh: reports and bundles, not disks.
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
