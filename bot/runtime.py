@@ -41,15 +41,17 @@ LABEL_EGRESS = "trimo.egress"
 
 # Every capability is dropped; these come back because the runner and preboot (root, before the
 # agent) need them. Found by running the three examples with each one left out in turn:
-#   CHOWN         the runner hands /trimo/out and /workspace to uid 1000 (without it every run
-#                 stops before preboot); Postgres' init script chowns its socket folder
+#   CHOWN         the runner hands the agent's and the tests' output folders and /workspace to
+#                 uid 1000 (without it every run stops before preboot); Postgres' init script
+#                 chowns its socket folder
 #   DAC_OVERRIDE  root writes files it does not own: the Django example's preboot appends to the
 #                 Celery worker's log, which belongs to the agent user
 #   FOWNER        Postgres' init script chmods /var/run/postgresql after handing it to postgres
 #   SETGID/SETUID pg_ctlcluster becomes postgres ("Could not change group/user id" without);
 #                 the runner becomes the agent; runuser starts Celery as the agent
-#   KILL          the runner signals the agent's process group (another uid) on stop and timeout:
-#                 without it the runner fails there and the checkpoint is lost
+#   KILL          the runner signals the agent's processes (another uid): on stop and timeout
+#                 (without it the runner fails there and the checkpoint is lost) and before the
+#                 tests, when it stops what the agent left running
 # Left out, among Docker's defaults: NET_RAW (no raw sockets, so no forged packets on the run's
 # network), NET_BIND_SERVICE, FSETID, SETPCAP, SETFCAP, MKNOD, SYS_CHROOT, AUDIT_WRITE.
 # The agent (uid 1000) holds none: a uid change clears the effective set, and no-new-privileges
