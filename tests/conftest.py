@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,24 +17,22 @@ from tests.containers import TEST_OWNER
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_dir() -> Path:
-    """The team's shared/ folder: TRIMO_SHARED_DIR, else `../shared` from the repository root
-    (where CI puts it), else beside the local repository this checkout was cloned from."""
-    override = os.environ.get("TRIMO_SHARED_DIR")
-    if override:
-        return Path(override)
-    beside = REPO_ROOT.parent / "shared"
-    if beside.is_dir():
-        return beside
-    origin = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "config", "--get", "remote.origin.url"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    if origin and Path(origin).is_dir():
-        return Path(origin).resolve().parent / "shared"
-    return beside
+# GitHub's published material the tests use (webhook payloads, the OpenAPI subset, the HMAC test
+# vector), kept in the repository: see its README.md, and scripts/sync-github-fixtures.
+GITHUB_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "github"
+MISSING_FIXTURES = (
+    "no webhook payloads in {folder}: the repository's copy of GitHub's examples is missing "
+    "(restore it with git, or re-copy it with scripts/sync-github-fixtures)"
+)
+
+
+def webhook_payloads() -> list[Path]:
+    """Every webhook payload in the fixtures; raises (so collection fails) when there is none,
+    rather than letting a test parametrized over them pass with zero cases."""
+    found = sorted((GITHUB_FIXTURES / "webhooks").glob("*.json"))
+    if not found:
+        raise FileNotFoundError(MISSING_FIXTURES.format(folder=GITHUB_FIXTURES / "webhooks"))
+    return found
 
 
 KEEP_IMAGES = {BASE_IMAGE, PROXY_IMAGE, "debian:bookworm"}

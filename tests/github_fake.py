@@ -1,5 +1,5 @@
 """The one fake GitHub every test uses: REST state behind `responses`, each request checked
-against GitHub's OpenAPI description (shared/github/openapi-subset.json).
+against GitHub's OpenAPI description (tests/fixtures/github/openapi-subset.json).
 
 Use the `fake_github` fixture (or `with FakeGitHub(...) as fake:`). Set up what the test needs
 (`add_repo`, `add_issue`, `add_pull`, `set_permission`, `issue_token`), run Trimo's code, then
@@ -35,7 +35,7 @@ from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 
 SPEC_SERVER = "https://api.github.com"
 BOT_LOGIN = "trimo[bot]"
@@ -59,7 +59,7 @@ Reply = tuple[int, dict[str, str], str]
 @cache
 def _spec() -> OpenAPI:
     # Loading the description takes a quarter of a second: once per test session is enough.
-    path = shared_dir() / "github" / "openapi-subset.json"
+    path = GITHUB_FIXTURES / "openapi-subset.json"
     return OpenAPI.from_dict(json.loads(path.read_text()))
 
 
@@ -1306,4 +1306,4 @@ def fake_github() -> Iterator[FakeGitHub]:
         yield fake
 
 
-__all__ = ["BOT_LOGIN", "FakeGitHub", "RecordedRequest", "fake_github", "shared_dir"]
+__all__ = ["BOT_LOGIN", "FakeGitHub", "RecordedRequest", "fake_github"]

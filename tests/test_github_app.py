@@ -35,7 +35,7 @@ from bot.states import RunMode, RunState
 from bot.store import Store
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 from tests.containers import git, make_repo
 from tests.github_fake import FakeGitHub
 
@@ -64,7 +64,7 @@ test:
 
 
 def payload(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((shared_dir() / "github" / "webhooks" / name).read_text())
+    data: dict[str, Any] = json.loads((GITHUB_FIXTURES / "webhooks" / name).read_text())
     return data
 
 

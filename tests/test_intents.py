@@ -21,15 +21,13 @@ from bot.intents import (
     load_intents,
 )
 from bot.states import PipelineKind, RunMode
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 from webhooks.event import Delivery, PayloadError, Rules
 from webhooks.router import route
 
 
 def payload(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(
-        (shared_dir() / "github" / "webhooks" / f"{name}.json").read_text()
-    )
+    data: dict[str, Any] = json.loads((GITHUB_FIXTURES / "webhooks" / f"{name}.json").read_text())
     return data
 
 

@@ -15,7 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from bot.intents import load_intents
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES, webhook_payloads
 from tests.test_receiver import SECRET, MemoryStore, make_settings
 from webhooks.app import create_app
 from webhooks.event import Delivery, PayloadError, Rules
@@ -23,7 +23,7 @@ from webhooks.payloads import NotAJsonObject, action_of, decode
 from webhooks.router import route
 from webhooks.signature import sign
 
-PAYLOADS = sorted((shared_dir() / "github" / "webhooks").glob("*.json"))
+PAYLOADS = webhook_payloads()
 RULES = [
     Rules(),
     Rules(trigger_label="BUG"),
@@ -38,7 +38,7 @@ def event_of(path: Path) -> str:
 
 
 def real(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((shared_dir() / "github" / "webhooks" / name).read_bytes())
+    data: dict[str, Any] = json.loads((GITHUB_FIXTURES / "webhooks" / name).read_bytes())
     return data
 
 
@@ -236,7 +236,7 @@ def test_an_odd_action_is_kept_as_before(client: Any, action: Any, stored: str |
 
 def with_extra(value: bytes) -> bytes:
     """issues.labeled (a run with trigger label "bug") with one more key, holding `value` as is."""
-    body = (shared_dir() / "github" / "webhooks" / "issues.labeled.json").read_bytes()
+    body = (GITHUB_FIXTURES / "webhooks" / "issues.labeled.json").read_bytes()
     return b'{"extra": ' + value + b", " + body.lstrip()[1:]
 
 

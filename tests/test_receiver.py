@@ -21,7 +21,7 @@ from werkzeug.serving import make_server
 
 from bot.intents import InstallationIntent, RunIntent, load_intents
 from bot.settings import Settings
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES, webhook_payloads
 from webhooks.app import create_app
 from webhooks.signature import sign
 
@@ -29,7 +29,7 @@ SECRET = "It's a Secret to Everybody"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-PAYLOADS = sorted((shared_dir() / "github" / "webhooks").glob("*.json"))
+PAYLOADS = webhook_payloads()
 
 
 class MemoryStore:
@@ -141,7 +141,7 @@ def serve(store: Any) -> Iterator[Any]:
 
 
 def read(name: str) -> bytes:
-    return (shared_dir() / "github" / "webhooks" / name).read_bytes()
+    return (GITHUB_FIXTURES / "webhooks" / name).read_bytes()
 
 
 # --- accepted deliveries -----------------------------------------------------------------------

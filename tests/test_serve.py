@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 from tests.github_fake import app_private_key
 
 SECRET = "serve-test-secret"
@@ -101,7 +101,7 @@ def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_im
                 time.sleep(0.2)
         else:
             raise AssertionError("trimo serve did not come up")
-        body = (shared_dir() / "github" / "webhooks" / "ping.json").read_bytes()
+        body = (GITHUB_FIXTURES / "webhooks" / "ping.json").read_bytes()
         sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
         headers = {
             "Content-Type": "application/json",

@@ -8,15 +8,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 from webhooks.signature import secret_bytes, sign, verify
 
 
 @pytest.fixture(scope="module")
 def vector() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(
-        (shared_dir() / "github" / "hmac-test-vector.json").read_text()
-    )
+    data: dict[str, Any] = json.loads((GITHUB_FIXTURES / "hmac-test-vector.json").read_text())
     return data
 
 

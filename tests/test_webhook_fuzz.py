@@ -33,16 +33,15 @@ from bot.github.auth import AppAuth
 from bot.github.service import GitHubService
 from bot.settings import Settings
 from bot.store import Installation, Store
-from tests.conftest import shared_dir
+from tests.conftest import webhook_payloads
 from tests.github_fake import FakeGitHub, _spec
 from tests.test_receiver import start
 from webhooks.router import HANDLERS
 from webhooks.signature import sign
 
 SECRET = "fuzz-secret"
-WEBHOOKS = shared_dir() / "github" / "webhooks"
 SEEDS: dict[str, dict[str, Any]] = {
-    path.stem: json.loads(path.read_bytes()) for path in sorted(WEBHOOKS.glob("*.json"))
+    path.stem: json.loads(path.read_bytes()) for path in webhook_payloads()
 }
 EVENTS = sorted({name.split(".", 1)[0] for name in SEEDS} | {event for event, _ in HANDLERS})
 ACTIONS: dict[str, list[str]] = {}
