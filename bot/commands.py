@@ -1,6 +1,6 @@
 """The `/trimo` comment-command grammar: which lines of a comment are commands, and what they ask.
 
-Rules (DESIGN §5):
+Rules (docs/DESIGN.md §5):
 
 - A command is a line whose first non-blank text is `/trimo`, followed by the end of the line or
   whitespace (`/trimoo` is not a command). The prefix and the verb are case-insensitive; the

@@ -1,4 +1,4 @@
-"""Run states and phases: the vocabulary of a run's life (DESIGN §4)."""
+"""Run states and phases: the vocabulary of a run's life (docs/DESIGN.md §4)."""
 
 from __future__ import annotations
 

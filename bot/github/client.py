@@ -1,4 +1,4 @@
-"""Trimo's GitHub API client: PyGithub underneath, Trimo's write policy on top (DESIGN §5).
+"""Trimo's GitHub API client: PyGithub underneath, Trimo's write policy on top (docs/DESIGN.md §5).
 
 Writes to one installation go one at a time, `write_interval` apart. A 403/429 rate limit waits
 as long as GitHub says (`retry-after`, else `x-ratelimit-reset`, else at least a minute, doubling);
