@@ -61,6 +61,8 @@ CHECKPOINT_POLL_SECONDS = 0.05
 CHECKPOINT_RESTART_PAGES = 1000
 CHECKPOINT_REMAINDER_PAGES = 200
 CHECKPOINT_BACKSTOP_PAGES = 20_000
+# How long a fork waits for the checkpoint thread to finish its pass (one pass takes milliseconds).
+CHECKPOINT_JOIN_SECONDS = 30
 # How long a processed delivery's id is kept to recognise a redelivery: GitHub redelivers
 # (automatically or when asked) within 3 days.
 DELIVERY_KEEP = timedelta(days=7)
@@ -1014,6 +1016,8 @@ class _DeliveryWriter:
 
     The connection belongs to the process that opened it: a forked child forgets the inherited
     one (SQLite connections must not cross fork) and opens its own. It closes with the engine.
+    No fork happens while this process's SQLite is in use by the writer or its checkpoint thread:
+    see `_before_fork`.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -1028,6 +1032,8 @@ class _DeliveryWriter:
     def forget(self) -> None:
         """Start afresh without touching the connection (after fork it is the parent's)."""
         self.mutex = threading.Lock()
+        # Held while a batch is written; a fork takes it so that no write is under way then.
+        self.writing = threading.Lock()
         self.pending: list[_PendingDelivery] = []
         self.leading = False
         self.conn: Any = None
@@ -1079,7 +1085,8 @@ class _DeliveryWriter:
         with self.mutex:
             batch, self.pending = self.pending, []
         try:
-            self._write(batch)
+            with self.writing:
+                self._write(batch)
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
             # Even on KeyboardInterrupt the batch's callers must be woken, or they wait forever.
             for entry in batch:
@@ -1144,7 +1151,7 @@ class _DeliveryWriter:
             conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_BACKSTOP_PAGES}")
             self.checkpointer = _Checkpointer(str(cargs[0]))
             # A store dropped without close() must not leave its thread behind.
-            weakref.finalize(self, self.checkpointer.stopping.set)
+            weakref.finalize(self, self.checkpointer.stop)
         else:
             conn = self.engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
             conn.autocommit = True
@@ -1174,6 +1181,11 @@ class _Checkpointer:
     (`finish`, before its next write): a short wait, and the WAL starts over. SQLite's own
     checkpoint stays enabled at CHECKPOINT_BACKSTOP_PAGES, so the WAL is bounded whatever
     happens to this thread.
+
+    A fork must not find this thread inside SQLite: the child would inherit SQLite's internal
+    mutexes locked by a thread it does not have, and hang on its first SQLite call. So the thread
+    is stopped before every fork (`pause`) and started again in the parent (`resume`); the child
+    starts its own with its first write.
     """
 
     def __init__(self, path: str) -> None:
@@ -1183,6 +1195,10 @@ class _Checkpointer:
         # Counted by the writer, so an idle thread does not checkpoint a WAL nobody wrote to.
         self.writes = 0
         self.stopping = threading.Event()
+        self.stopped = False
+        self._start()
+
+    def _start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="trimo-checkpoint", daemon=True)
         self.thread.start()
 
@@ -1191,10 +1207,32 @@ class _Checkpointer:
         self.remainder_left = False
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """For good (the store is closed or dropped): the thread ends after its current pass."""
+        self.stopped = True
         self.stopping.set()
+
+    def close(self) -> None:
+        self.stop()
         if self.thread is not threading.current_thread():
             self.thread.join(timeout=5)
+
+    def pause(self) -> None:
+        """Before a fork: end the thread and wait until it has left SQLite."""
+        self.stopping.set()
+        self.thread.join(timeout=CHECKPOINT_JOIN_SECONDS)
+        if self.thread.is_alive():
+            log.warning(
+                "the checkpoint thread of %s did not stop within %d s; forking anyway",
+                self.path,
+                CHECKPOINT_JOIN_SECONDS,
+            )
+
+    def resume(self) -> None:
+        """After a fork, in the parent: a new thread takes over, unless the store was closed."""
+        if not self.stopped and not self.thread.is_alive():
+            self.stopping.clear()
+            self._start()
 
     def _run(self) -> None:
         try:
@@ -1233,14 +1271,44 @@ class _Checkpointer:
 
 
 _DELIVERY_WRITERS: weakref.WeakSet[_DeliveryWriter] = weakref.WeakSet()
+# The writers `_before_fork` holds still, for the hooks after the fork.
+_HELD_FOR_FORK: list[_DeliveryWriter] = []
 
 
-def _forget_connections_after_fork() -> None:
-    for writer in list(_DELIVERY_WRITERS):
+def _before_fork() -> None:
+    """No thread of the store is inside SQLite at the fork: every writer's write finishes first
+    and none starts, and every checkpoint thread ends (the parent gets it back after)."""
+    _DELIVERY_WRITER_LOCK.acquire()  # no writer is made meanwhile
+    _HELD_FOR_FORK[:] = list(_DELIVERY_WRITERS)
+    for writer in _HELD_FOR_FORK:
+        writer.writing.acquire()
+        if writer.checkpointer is not None:
+            writer.checkpointer.pause()
+
+
+def _after_fork_in_parent() -> None:
+    for writer in _HELD_FOR_FORK:
+        if writer.checkpointer is not None:
+            writer.checkpointer.resume()
+        writer.writing.release()
+    _HELD_FOR_FORK.clear()
+    _DELIVERY_WRITER_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's connections are not ours to use or close; the first write opens new ones and
+    # starts this process's own checkpoint thread.
+    for writer in _HELD_FOR_FORK:
         writer.forget()
+    _HELD_FOR_FORK.clear()
+    _DELIVERY_WRITER_LOCK.release()
 
 
-os.register_at_fork(after_in_child=_forget_connections_after_fork)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _configure_sqlite(engine: Engine) -> None:
