@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from bot.egress import PROXY_IMAGE
 from bot.images import BASE_IMAGE, ensure_base
 from bot.runtime import LABEL_OWNER, DockerRuntime
+from bot.store import Store
 from tests.containers import TEST_OWNER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +78,45 @@ def base_image(docker_client: docker.DockerClient) -> str:
     extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
     ensure_base(docker_client, extra_ca_certs=Path(extra) if extra else None)
     return BASE_IMAGE
+
+
+# The PostgreSQL cluster scripts/test starts (scripts/setup: ensure_postgres); every store test
+# and the end-to-end GitHub App test run on it as well as on SQLite.
+POSTGRES_URL = os.environ.get("TRIMO_TEST_POSTGRES_URL")
+NO_POSTGRES = (
+    "TRIMO_TEST_POSTGRES_URL is not set: scripts/test starts a PostgreSQL cluster and sets it"
+)
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES_URL, reason=NO_POSTGRES)),
+]
+
+
+@contextlib.contextmanager
+def empty_database(backend: str, data_dir: Path) -> Iterator[str]:
+    """A URL to an empty database: a SQLite file in data_dir, or a fresh PostgreSQL database,
+    dropped after."""
+    if backend == "sqlite":
+        yield Store.sqlite_url(data_dir)
+        return
+    assert POSTGRES_URL, NO_POSTGRES
+    admin_url = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"trimo_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each backend in turn."""
+    with empty_database(request.param, tmp_path / "data") as url:
+        yield url

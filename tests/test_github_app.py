@@ -35,7 +35,7 @@ from bot.states import RunMode, RunState
 from bot.store import Store
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
-from tests.conftest import GITHUB_FIXTURES
+from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database
 from tests.containers import git, make_repo
 from tests.github_fake import FakeGitHub
 
@@ -176,11 +176,18 @@ class App:
 
 
 @pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store's database: SQLite unless a test parametrizes it indirectly (see BACKENDS)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
 def app(
     request: pytest.FixtureRequest,
     tmp_path: Path,
     base_image: str,
     docker_client: docker.DockerClient,
+    backend: str,
 ) -> Iterator[App]:
     """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES."""
     remote = tmp_path / "remotes" / f"{REPO}.git"
@@ -188,12 +195,16 @@ def app(
     make_repo(work, {"README.md": "# sample\n", ".trimo/config.yml": CONFIG})
     remote.parent.mkdir(parents=True)
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(remote)], check=True)
-    with FakeGitHub(getattr(request, "param", None) or "https://api.github.com") as fake:
+    with (
+        empty_database(backend, tmp_path / "data") as database_url,
+        FakeGitHub(getattr(request, "param", None) or "https://api.github.com") as fake,
+    ):
         fake.add_repo(REPO)
         fake.set_permission(WRITER, "write")
         fake.set_permission(READER, "read")
         settings = Settings(
             data_dir=tmp_path / "data",
+            database_url=database_url,
             app_id=fake.app_id,
             private_key=fake.private_key,
             webhook_secrets=[SECRET],
@@ -248,6 +259,7 @@ def app(
             for t in threads:
                 t.join(timeout=10)
             server.shutdown()
+            store.close()
             for c in docker_client.containers.list(
                 all=True, filters={"label": "trimo.owner=pytest-app"}
             ):
@@ -255,6 +267,7 @@ def app(
             assert not fake.violations, fake.violations
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     app: App,
 ) -> None:
