@@ -1,16 +1,22 @@
-"""JUnit XML reports (pytest, go-junit-report, jest-junit, ...) → test totals and failures."""
+"""JUnit XML reports (pytest, go-junit-report, jest-junit, ...) → test totals and failures.
+
+junitparser reads the JUnit structure; the XML itself is parsed by defusedxml, which refuses
+entity definitions (billion laughs) and external entities, and the tree is handed to junitparser
+(which would otherwise parse with the standard library or lxml, neither of them safe here).
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.etree.ElementTree import Element, ParseError
+from xml.etree.ElementTree import ParseError
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
+from junitparser import Attr, Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
 from bot.protocol import WORKSPACE
 
@@ -121,6 +127,28 @@ def parse_junit(paths: Iterable[Path]) -> TestReport | None:
     return report
 
 
+class _Case(TestCase):  # type: ignore[misc]
+    """A <testcase> with the `file` and `line` pytest and others write."""
+
+    file = Attr()
+    line = Attr()
+
+
+class _Suite(TestSuite):  # type: ignore[misc]
+    """A <testsuite> whose counts are read as written: junitparser recounts a missing one from
+    the cases (none, in a file of counts only) and writes the recount over the others."""
+
+    testcase = _Case
+    tests = Attr()
+    failures = Attr()
+    errors = Attr()
+    skipped = Attr()
+
+
+class _Report(JUnitXml):  # type: ignore[misc]
+    testsuite = _Suite
+
+
 def parse_junit_bytes(data: bytes) -> TestReport:
     """Parse one JUnit XML document; ValueError when it is not XML or not JUnit."""
     try:
@@ -131,18 +159,20 @@ def parse_junit_bytes(data: bytes) -> TestReport:
         raise ValueError(f"not a JUnit XML file: root element is <{root.tag}>")
     # pytest writes `line` 0-based (the def line); other tools write it 1-based.
     zero_based = root.get("name") in ("pytest tests", "pytest")
-    cases = list(root.iter("testcase"))
+    report = _Report.fromroot(root)
+    cases: list[_Case] = [case for suite in report for case in suite]
     if not cases:
-        return _suite_totals(root)
+        return _suite_totals(report)
     passed = failed = skipped = errors = 0
     failures: list[TestFailure] = []
     for case in cases:
-        problem = case.find("failure")
+        results: list[Any] = case.result
+        problem = next((r for r in results if isinstance(r, Failure)), None)
         kind = "failure"
         if problem is None:
-            problem, kind = case.find("error"), "error"
+            problem, kind = next((r for r in results if isinstance(r, Error)), None), "error"
         if problem is None:
-            if case.find("skipped") is not None:
+            if any(isinstance(r, Skipped) for r in results):
                 skipped += 1
             else:
                 passed += 1
@@ -163,13 +193,21 @@ def parse_junit_bytes(data: bytes) -> TestReport:
     )
 
 
-def _suite_totals(root: Element) -> TestReport:
-    # Some tools write only counts; leaf suites hold them (a root <testsuites> repeats the sums).
-    suites = [s for s in root.iter("testsuite") if s.find("testsuite") is None]
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+def _leaf_suites(suites: Iterable[_Suite]) -> Iterator[_Suite]:
     for suite in suites:
+        inner = list(suite.testsuites())
+        if inner:
+            yield from _leaf_suites(inner)
+        else:
+            yield suite
+
+
+def _suite_totals(report: _Report) -> TestReport:
+    # Some tools write only counts; leaf suites hold them (a root <testsuites> repeats the sums).
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in _leaf_suites(report):
         for name in counts:
-            counts[name] += _int(suite.get(name)) or 0
+            counts[name] += _int(getattr(suite, name)) or 0
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return TestReport(
         passed=max(passed, 0),
@@ -180,20 +218,20 @@ def _suite_totals(root: Element) -> TestReport:
     )
 
 
-def _failure(case: Element, problem: Element, kind: str, zero_based: bool) -> TestFailure:
+def _failure(case: _Case, problem: Failure | Error, kind: str, zero_based: bool) -> TestFailure:
     text = (problem.text or "").strip()
-    message = (problem.get("message") or "").strip() or next(
+    message = (problem.message or "").strip() or next(
         (line.strip() for line in text.splitlines() if line.strip()), ""
     )
-    declared = _relative(case.get("file"))
+    declared = _relative(case.file)
     file, line = _location(text, declared)
     if file is None and declared is not None:
         file = declared
-    if line is None and file == declared and (declared_line := _int(case.get("line"))) is not None:
+    if line is None and file == declared and (declared_line := _int(case.line)) is not None:
         line = declared_line + 1 if zero_based else declared_line
     return TestFailure(
-        name=case.get("name", ""),
-        classname=case.get("classname", ""),
+        name=case.name or "",
+        classname=case.classname or "",
         message=_truncate_head(message, MAX_MESSAGE_CHARS),
         kind=kind,
         file=file,
