@@ -18,6 +18,9 @@ plain checkout with no remote and no credentials, and hands its commits back as 
 
 Tokens reach git only through ``GIT_CONFIG_*`` environment variables (an ``http.extraHeader``),
 never a URL, a config file or a log line; any git error text is masked before it is raised.
+Reading the mirror (commits, files, ancestry, the commits a run added) goes through GitPython;
+whatever talks to the remote, writes refs or streams many objects runs the git CLI (README.md,
+"Dependencies", says why).
 Each mirror has a lock file: writers (fetch, bundle import, publish) hold it exclusively, readers
 (checkout, file reads) shared, so concurrent runs on one repository never see a half-written mirror.
 """
@@ -39,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, NoReturn
 from urllib.parse import urlsplit
+
+import git as gitpython
 
 from bot.errors import PublishRefused, WorkspaceError
 from bot.paths import is_protected
@@ -181,13 +186,13 @@ class Workspace:
             sync = self._sync_mirror(git, mirror)
             if default_branch is None:
                 default_branch = self._remote_default_branch(git)
-            default_head = git.rev(mirror, f"refs/heads/{default_branch}")
+            default_head = _commit(mirror, f"refs/heads/{default_branch}")
             if default_head is None:
                 raise WorkspaceError(
                     DEFAULT_BRANCH_MISSING.format(branch=default_branch, url=remote.url)
                 )
             git.run(["symbolic-ref", "HEAD", f"refs/heads/{default_branch}"], cwd=mirror)
-            branch_head = git.rev(mirror, f"refs/heads/{branch}")
+            branch_head = _commit(mirror, f"refs/heads/{branch}")
             start = default_head
             if branch_head is None and start_ref is not None:
                 start = self._fetch_start(git, mirror, start_ref)
@@ -243,7 +248,7 @@ class Workspace:
             if "couldn't find remote ref" in git.last_stderr:
                 raise WorkspaceError(START_REF_MISSING.format(ref=start_ref, url=git.remote.url))
             git.fail(["fetch", start_ref])
-        head = git.rev(mirror, local)
+        head = _commit(mirror, local)
         assert head is not None  # the fetch above just wrote it
         return head
 
@@ -294,13 +299,17 @@ class Workspace:
 
     def read_file(self, checkout: Checkout, ref: str, path: str) -> bytes | None:
         """The content of `path` at `ref` in the mirror, or None when it is not a file there."""
-        git = _Git(checkout.remote)
-        spec = f"{ref}:{path.strip('/')}"
-        with self._lock(checkout.mirror, exclusive=False):
-            kind = git.run(["cat-file", "-t", spec], cwd=checkout.mirror, check=False)
-            if kind.strip() != b"blob":
+        with (
+            self._lock(checkout.mirror, exclusive=False),
+            gitpython.Repo(checkout.mirror) as repo,
+        ):
+            try:
+                entry = repo.commit(ref).tree / path.strip("/")
+            except (KeyError, gitpython.BadName, gitpython.BadObject, ValueError):
                 return None
-            return git.run(["cat-file", "blob", spec], cwd=checkout.mirror)
+            if not isinstance(entry, gitpython.Blob):
+                return None
+            return bytes(entry.data_stream.read())
 
     def extract_dir(self, checkout: Checkout, ref: str, subdir: str, dest: Path) -> list[Path]:
         """Write the files under `subdir` at `ref` into `dest`; return their paths inside dest.
@@ -362,26 +371,32 @@ class Workspace:
             git.run(
                 ["fetch", "--quiet", "--no-tags", str(bundle_path), f"+{source}:{ref}"], cwd=mirror
             )
-            head = git.rev(mirror, ref)
+            head = _commit(mirror, ref)
             assert head is not None  # the fetch above just wrote it
-            git.run(["merge-base", "--is-ancestor", checkout.base, head], cwd=mirror, check=False)
-            if git.last_code != 0:
-                git.run(["update-ref", "-d", ref], cwd=mirror)
-                raise PublishRefused(
-                    NOT_DESCENDANT.format(run_id=run_id, head=head, base=checkout.base)
-                )
-            log = git.run(
-                ["log", "--reverse", "--format=%H%x00%s", f"{checkout.base}..{head}"], cwd=mirror
-            )
+            with gitpython.Repo(mirror) as repo:
+                try:
+                    descends = repo.is_ancestor(checkout.base, head)  # type: ignore[arg-type]
+                except gitpython.GitCommandError as exc:
+                    raise WorkspaceError(
+                        GIT_FAILED.format(
+                            command="merge-base --is-ancestor",
+                            code=exc.status,
+                            stderr=str(exc.stderr).strip(),
+                        )
+                    ) from None
+                if not descends:
+                    git.run(["update-ref", "-d", ref], cwd=mirror)
+                    raise PublishRefused(
+                        NOT_DESCENDANT.format(run_id=run_id, head=head, base=checkout.base)
+                    )
+                commits = [
+                    (c.hexsha, _subject(c.message))
+                    for c in repo.iter_commits(f"{checkout.base}..{head}", reverse=True)
+                ]
+            # The CLI: GitPython's diff always detects renames, and a rename must list both paths.
             diff = git.run(
                 ["diff", "--name-only", "-z", "--no-renames", checkout.base, head], cwd=mirror
             )
-        commits = [
-            (sha, subject)
-            for sha, _, subject in (
-                line.partition("\0") for line in log.decode(errors="replace").splitlines()
-            )
-        ]
         paths = [p for p in diff.decode(errors="surrogateescape").split("\0") if p]
         return Result(
             run_id=run_id,
@@ -528,16 +543,27 @@ class _Git:
             )
         )
 
-    def rev(self, repo: Path, ref: str) -> str | None:
-        out = self.run(
-            ["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False
-        )
-        return out.decode().strip() if self.last_code == 0 else None
-
     def refs(self, repo: Path) -> dict[str, str]:
+        # The CLI: one for-each-ref lists every ref with its object; GitPython asks its object
+        # database once per ref, which for a mirror with thousands of tags is thousands of calls.
         out = self.run(["for-each-ref", "--format=%(objectname) %(refname)"], cwd=repo)
         pairs = (line.split(" ", 1) for line in out.decode().splitlines())
         return {name: sha for sha, name in pairs if not name.startswith("refs/trimo/")}
+
+
+def _commit(repo: Path, ref: str) -> str | None:
+    """The commit `ref` names in `repo`, or None when it names none."""
+    with gitpython.Repo(repo) as r:
+        try:
+            return r.commit(ref).hexsha
+        except (gitpython.BadName, gitpython.BadObject, ValueError):
+            return None
+
+
+def _subject(message: str | bytes) -> str:
+    """A commit's subject as `git log --format=%s` shows it: its first paragraph on one line."""
+    text = message.decode(errors="replace") if isinstance(message, bytes) else message
+    return " ".join(text.strip().split("\n\n", 1)[0].split("\n")).strip()
 
 
 def _refuse_credentials_in_url(remote: Remote) -> None:
