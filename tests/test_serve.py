@@ -61,18 +61,37 @@ def test_serve_refuses_a_broken_private_key(tmp_path: Path) -> None:
     assert "TRIMO_PRIVATE_KEY" in r.stderr and "not a key" not in r.stderr
 
 
+def _refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 @pytest.mark.docker
-def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_image: str) -> None:
+@pytest.mark.parametrize("listen", ["environment", "flags"])
+def test_serve_answers_signed_webhooks_and_stops_cleanly(
+    tmp_path: Path, base_image: str, listen: str
+) -> None:
+    """Where it listens: TRIMO_HOST / TRIMO_PORT, or --host / --port, which win over them."""
     port = _free_port()
+    if listen == "environment":
+        env_host, env_port, args = "127.0.0.1", port, []
+    else:
+        # The environment names another address, which must stay unused.
+        env_host, env_port = "127.0.0.2", _free_port()
+        args = ["--host", "127.0.0.1", "--port", str(port)]
     env = _env(
         tmp_path,
         TRIMO_APP_ID="1",
         TRIMO_PRIVATE_KEY=app_private_key(),
         TRIMO_WEBHOOK_SECRET=SECRET,
-        TRIMO_PORT=str(port),
+        TRIMO_HOST=env_host,
+        TRIMO_PORT=str(env_port),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot", "serve"],
+        [sys.executable, "-m", "bot", "serve", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -120,14 +139,16 @@ def test_serve_answers_signed_webhooks_and_stops_cleanly(tmp_path: Path, base_im
         )
         assert json.loads(requests.get(f"{url}/healthz", timeout=5).text)["status"] == "ok"
         assert worker_up.wait(60), "".join(lines)  # the worker runs beside the receiver
-        assert len(_processes_with(f"TRIMO_PORT={port}")) >= 3  # server, http worker, worker
+        assert len(_processes_with(f"TRIMO_PORT={env_port}")) >= 3  # server, http worker, worker
+        if listen == "flags":
+            assert _refused(env_host, env_port)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         reader.join(timeout=10)
     assert proc.returncode == 0, "".join(lines)
     # Nothing of the two processes is left behind: no process runs with this server's settings.
-    assert _processes_with(f"TRIMO_PORT={port}") == []
+    assert _processes_with(f"TRIMO_PORT={env_port}") == []
 
 
 def _processes_with(env_entry: str) -> list[int]:
@@ -142,3 +163,14 @@ def _processes_with(env_entry: str) -> list[int]:
         if env_entry.encode() in environ:
             found.append(int(proc_dir.name))
     return found
+
+
+def test_serve_refuses_a_port_out_of_range(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bot", "serve", "--port", "70000"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--port" in r.stderr and "70000" in r.stderr

@@ -121,13 +121,23 @@ def worker(settings_path: Path | None) -> None:
     show_default=True,
     help="Processes answering webhooks (one is fastest on a small machine).",
 )
-def serve(settings_path: Path | None, http_workers: int) -> None:
+@click.option("--host", help="Address to listen on, over TRIMO_HOST (default 127.0.0.1).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port to listen on, over TRIMO_PORT (default 8000).",
+)
+def serve(
+    settings_path: Path | None, http_workers: int, host: str | None, port: int | None
+) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
     from webhooks.app import create_app
     from webhooks.server import serve as serve_http
 
+    # Given flags win over the environment and the settings file.
+    flags = {name: value for name, value in (("host", host), ("port", port)) if value is not None}
     try:
-        settings = Settings.load(settings_path)
+        settings = Settings.load(settings_path, **flags)
         settings.require_github()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
