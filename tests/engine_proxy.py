@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import threading
@@ -14,8 +15,13 @@ _REQUEST = re.compile(rb"(?:^|\r\n)(GET|POST|PUT|DELETE|HEAD) (\S+) HTTP/1\.[01]
 class EngineProxy:
     """Listens on 127.0.0.1 and forwards to the engine's Unix socket, recording request lines."""
 
-    def __init__(self, socket_path: str = "/var/run/docker.sock") -> None:
-        self.socket_path = socket_path
+    def __init__(self, socket_path: str | None = None) -> None:
+        # The engine the tests use: DOCKER_HOST when it names a Unix socket, else the default.
+        host = os.environ.get("DOCKER_HOST", "")
+        default = (
+            host.removeprefix("unix://") if host.startswith("unix://") else "/var/run/docker.sock"
+        )
+        self.socket_path = socket_path or default
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
