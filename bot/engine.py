@@ -122,6 +122,7 @@ class Engine:
         default_timeout: int = 1800,
         git_author: tuple[str, str] = ("Trimo", "trimo@localhost"),
         heartbeat_seconds: int = 5,
+        extra_ca_certs: Path | None = None,
     ) -> None:
         self.store = store
         self.workspace = workspace
@@ -131,6 +132,7 @@ class Engine:
         self.default_timeout = default_timeout
         self.git_author = git_author
         self.heartbeat_seconds = heartbeat_seconds
+        self.extra_ca_certs = extra_ca_certs
 
     @property
     def docker(self) -> docker.DockerClient:
@@ -227,7 +229,7 @@ class Engine:
             self.store.add_logs(run.id, masked)
             obs.logs(run, masked)
 
-        base = images.ensure_base(self.docker, progress)
+        base = images.ensure_base(self.docker, progress, self.extra_ca_certs)
         with tempfile.TemporaryDirectory(prefix="trimo-ctx-") as tmp:
             dest = Path(tmp) / CONFIG_DIR
             self.workspace.extract_dir(checkout, checkout.default_head, CONFIG_DIR, dest)

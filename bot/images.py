@@ -18,12 +18,14 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import docker
 import docker.errors
 
+from bot.cacerts import read_certificates
 from bot.errors import ImageBuildError, TrimoError
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ DEBIAN_IMAGE = "debian:bookworm"
 DEBIAN_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 TAIL_LINES = 30
+# In images/base: update-ca-certificates adds the .crt files found here to the system bundle.
+EXTRA_CA_DIR = "extra-ca"
 _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)", re.IGNORECASE | re.MULTILINE)
 _ARG_DEFAULT = re.compile(r"^\s*ARG\s+(\w+)=(\S+)", re.IGNORECASE | re.MULTILINE)
 
@@ -298,7 +302,37 @@ def bootstrap_debian(
     return True
 
 
-def ensure_base(client: docker.DockerClient, progress: Progress | None = None) -> BuildResult:
-    """`trimo/base:bookworm`, made (Debian bootstrap included) or reused."""
+@contextmanager
+def base_context(extra_ca_certs: Path | None = None) -> Iterator[Path]:
+    """The build context of trimo/base, with the certificates of `extra_ca_certs` (a PEM file).
+
+    They are files of the context, so the content hash, and every image built FROM the base,
+    follow them.
+    """
+    context = images_dir() / "base"
+    if extra_ca_certs is None:
+        yield context
+        return
+    try:
+        certificates = read_certificates(extra_ca_certs)
+    except ValueError as exc:
+        raise TrimoError(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="trimo-base-") as tmp:
+        # Named "base" like the original, so the context's name label does not change.
+        ctx = Path(tmp) / "base"
+        shutil.copytree(context, ctx, symlinks=True)
+        for n, pem in enumerate(certificates):
+            (ctx / EXTRA_CA_DIR / f"extra-{n:03d}.crt").write_text(pem, encoding="ascii")
+        yield ctx
+
+
+def ensure_base(
+    client: docker.DockerClient,
+    progress: Progress | None = None,
+    extra_ca_certs: Path | None = None,
+) -> BuildResult:
+    """`trimo/base:bookworm`, made (Debian bootstrap included) or reused; `extra_ca_certs` joins
+    its CA bundle (see `base_context`)."""
     bootstrap_debian(client, progress)
-    return build_image(client, images_dir() / "base", tag=BASE_IMAGE, progress=progress)
+    with base_context(extra_ca_certs) as context:
+        return build_image(client, context, tag=BASE_IMAGE, progress=progress)

@@ -17,6 +17,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from bot.cacerts import read_certificates
 from bot.errors import SettingsError
 from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
 from bot.secretscan import check_secret_value
@@ -94,6 +95,9 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, le=64)
     default_timeout: int = DEFAULT_TIMEOUT_SECONDS
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    # A PEM file of CA certificates added to trimo/base (and so to every image): for networks
+    # whose proxy presents its own CA to package registries.
+    extra_ca_certs: Path | None = None
 
     app_id: int | None = None
     private_key: SecretStr | None = None
@@ -123,6 +127,13 @@ class Settings(BaseSettings):
             return parse_duration(value)
         except ValueError:
             raise ValueError("expected a duration like 90s, 30m or 1h30m") from None
+
+    @field_validator("extra_ca_certs")
+    @classmethod
+    def _pem_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_certificates(value)  # a wrong file fails at start, not at the next image build
+        return value
 
     @field_validator("api_url", "web_url")
     @classmethod

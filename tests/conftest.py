@@ -68,6 +68,11 @@ def runtime(docker_client: docker.DockerClient) -> DockerRuntime:
 
 @pytest.fixture(scope="session")
 def base_image(docker_client: docker.DockerClient) -> str:
-    """trimo/base:bookworm, built (or found up to date) once per session."""
-    ensure_base(docker_client)
+    """trimo/base:bookworm, built (or found up to date) once per session.
+
+    With the extra CA certificates `trimo run` would add (TRIMO_EXTRA_CA_CERTS), so the runs a
+    test drives reuse this image instead of building another base under it.
+    """
+    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
+    ensure_base(docker_client, extra_ca_certs=Path(extra) if extra else None)
     return BASE_IMAGE

@@ -40,6 +40,7 @@ class App:
             owner=worker_id(),
             secret_lookup=self.settings.secret_value,
             default_timeout=self.settings.default_timeout,
+            extra_ca_certs=self.settings.extra_ca_certs,
         )
 
     def require_runtime(self) -> DockerRuntime:

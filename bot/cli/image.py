@@ -11,8 +11,9 @@ import click
 import docker
 
 from bot.cli.common import reap_quietly
-from bot.errors import ImageBuildError, TrimoError
+from bot.errors import ImageBuildError, SettingsError, TrimoError
 from bot.images import bootstrap_debian, build_image, ensure_base, list_images
+from bot.settings import Settings
 
 
 def _progress(line: str) -> None:
@@ -28,6 +29,14 @@ def _client() -> docker.DockerClient:
             f"no Docker engine answers ({exc}); start dockerd or set DOCKER_HOST"
         ) from exc
     return client
+
+
+def _extra_ca_certs() -> Path | None:
+    """The server's extra_ca_certs: the base image must come out as `trimo run` would build it."""
+    try:
+        return Settings.load().extra_ca_certs
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group()
@@ -46,7 +55,7 @@ def build(path: Path, tag: str | None, dockerfile: str, no_cache: bool) -> None:
     client = _client()
     with _build_errors():
         if _builds_from_base(path / dockerfile):
-            ensure_base(client, _progress)
+            ensure_base(client, _progress, _extra_ca_certs())
         result = build_image(
             client, path, tag=tag, dockerfile=dockerfile, progress=_progress, nocache=no_cache
         )
@@ -101,5 +110,5 @@ def bootstrap(no_pull: bool) -> None:
     client = _client()
     with _build_errors():
         bootstrap_debian(client, _progress, try_pull=not no_pull)
-        result = ensure_base(client, _progress)
+        result = ensure_base(client, _progress, _extra_ca_certs())
     click.echo(result.tag)
