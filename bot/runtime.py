@@ -14,6 +14,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,7 @@ LABEL_STORE = "trimo.store"
 
 # Bound what one tar member read from a container may weigh: reports and bundles, not disks.
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
+NETWORK_GRACE_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,11 @@ class Runtime(Protocol):
     def remove(self, container_id: str) -> None: ...
     def exists(self, container_id: str) -> bool: ...
     def leftovers(self, store: str) -> list[Leftover]: ...
+    def create_network(self, name: str, labels: Mapping[str, str], internal: bool) -> str: ...
+    def connect(
+        self, network: str, container_id: str, aliases: list[str] | None = None
+    ) -> None: ...
+    def remove_network(self, name: str) -> None: ...
 
 
 def files_tar(files: Mapping[str, bytes | str], uid: int = 0, mode: int = 0o644) -> bytes:
@@ -238,6 +245,33 @@ class DockerRuntime:
             return False
         return True
 
+    def create_network(self, name: str, labels: Mapping[str, str], internal: bool) -> str:
+        """A network of its own for a run; `internal` ones have no route out of the engine."""
+        self.client.api.create_network(
+            name, driver="bridge", internal=internal, labels=dict(labels), check_duplicate=True
+        )
+        return name
+
+    def connect(self, network: str, container_id: str, aliases: list[str] | None = None) -> None:
+        self.client.api.connect_container_to_network(container_id, network, aliases=aliases)
+
+    def remove_network(self, name: str) -> None:
+        try:
+            self.client.api.remove_network(name)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            log.warning("could not remove network %s: %s", name, exc)
+
+    def leftover_networks(self, store: str) -> list[tuple[str, int | None]]:
+        """Trimo's networks of `store`, with the run each belongs to."""
+        labels_filter = [f"{LABEL_MANAGED}=1", f"{LABEL_STORE}={store}"]
+        found = []
+        for n in self.client.api.networks(filters={"label": labels_filter}):
+            run = (n.get("Labels") or {}).get(LABEL_RUN, "")
+            found.append((str(n["Name"]), int(run) if run.isdigit() else None))
+        return found
+
     def leftovers(self, store: str) -> list[Leftover]:
         """Trimo's containers that belong to `store` (see LABEL_STORE)."""
         found = []
@@ -262,4 +296,21 @@ class DockerRuntime:
             if is_dead(leftover):
                 self.remove(leftover.container_id)
                 removed.append(leftover)
+        # A run's network outlives none of its containers: one with no container left is a
+        # crash's leftover (a grace period spares a network whose run is starting right now).
+        live = {leftover.run_id for leftover in self.leftovers(store)}
+        for name, run_id in self.leftover_networks(store):
+            if run_id not in live and self._network_age(name) > NETWORK_GRACE_SECONDS:
+                self.remove_network(name)
         return removed
+
+    def _network_age(self, name: str) -> float:
+        try:
+            created = str(self.client.api.inspect_network(name).get("Created", ""))
+        except docker.errors.NotFound:
+            return 0.0
+        try:
+            stamp = datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00")
+        except ValueError:
+            return float("inf")
+        return (datetime.now(UTC) - stamp).total_seconds()

@@ -41,6 +41,7 @@ class App:
             secret_lookup=self.settings.secret_value,
             default_timeout=self.settings.default_timeout,
             extra_ca_certs=self.settings.extra_ca_certs,
+            models=self.settings.model_policy(),
         )
 
     def require_runtime(self) -> DockerRuntime:

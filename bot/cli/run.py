@@ -28,6 +28,7 @@ OUTCOME_STYLE = {
     RunState.ERROR: "bold red",
     RunState.TIMED_OUT: "bold yellow",
     RunState.CANCELLED: "bold yellow",
+    RunState.BUDGET_EXCEEDED: "bold yellow",
     RunState.REJECTED: "bold red",
 }
 LAST_LINES = 8

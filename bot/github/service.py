@@ -522,6 +522,7 @@ class GitHubService:
             else run.reason,
             superseded_by=run.superseded_by,
             commits=[(c[0], c[1]) for c in (run.report or {}).get("commits", [])],
+            usage=run.usage,
         )
 
     def _check_sha(self, run: Run, pipeline: Pipeline) -> str | None:
