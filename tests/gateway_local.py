@@ -21,7 +21,7 @@ class LocalGateway:
         self,
         upstream: str,
         key: str,
-        token: str = "trimo-run-test-token",
+        token: str = "trimo-run-test-token",  # noqa: S107 - a test token, not a secret
         run_id: int = 1,
         max_tokens: int | None = None,
         max_usd: float | None = None,

@@ -206,7 +206,8 @@ def test_a_bad_budget_names_its_field(text: str, field: str) -> None:
         ),
         (
             "agent: {cmd: x}",
-            "agent.cmd: unknown key; expected one of: command, preset, secrets, model, max_turns, budget",
+            "agent.cmd: unknown key; expected one of: "
+            "command, preset, secrets, model, max_turns, budget",
         ),
         ("test: {command: 5}", "test.command: expected a shell command (a string), got 5"),
         (
