@@ -10,6 +10,7 @@ and the server keeps the totals it reported, which is what Trimo's meter must ar
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -103,6 +104,11 @@ def _sse(event: str | None, data: dict[str, Any] | str) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     owner: ModelFake
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # Stream events go out as they are written, not held back for the next packet.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -494,3 +500,12 @@ def _chat_reply(step: Step, messages: list[dict[str, Any]]) -> str:
             f"        {GOOD_LINE}\n>>>>>>> REPLACE\n```\n"
         )
     return step.text
+
+
+if __name__ == "__main__":
+    # `python -m tests.model_fake [HOST]`: serve until stdin closes (benches run it apart).
+    import sys
+
+    with ModelFake(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1") as served:
+        print(served.url, flush=True)
+        sys.stdin.read()

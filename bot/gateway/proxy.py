@@ -387,7 +387,10 @@ def main() -> int:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     os.unlink(path)  # the key now lives in this process alone
-    asyncio.run(serve(load(config), "0.0.0.0", int(config.get("port") or PORT)))
+    # In its container the gateway listens on the run's network; elsewhere (a bench) it may be
+    # told to keep to loopback.
+    host = os.environ.get("TRIMO_GATEWAY_HOST", "0.0.0.0")
+    asyncio.run(serve(load(config), host, int(config.get("port") or PORT)))
     return 0
 
 
