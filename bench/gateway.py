@@ -77,7 +77,7 @@ def latency(calls: int) -> dict[str, float]:
             f,
         )
     # The gateway prints an event per call: to a file, which never fills up as a pipe would.
-    events = tempfile.TemporaryFile("w+")
+    events = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     gateway = subprocess.Popen(
         [sys.executable, "-m", "bot.gateway.proxy"],
         env={**env, "TRIMO_GATEWAY_CONFIG": f.name, "TRIMO_GATEWAY_HOST": "127.0.0.1"},

@@ -404,7 +404,14 @@ class _Handler(BaseHTTPRequestHandler):
     # -- OpenAI Chat Completions ------------------------------------------------------------
     def _chat(self, body: dict[str, Any]) -> None:
         messages = body.get("messages") or []
-        done = sum(1 for m in messages if m.get("role") == "assistant")
+        # Aider's prompt carries example conversations of its own: only the script's replies
+        # count as steps done.
+        texts = tuple(step.text for step in self.owner.session)
+        done = sum(
+            1
+            for m in messages
+            if m.get("role") == "assistant" and str(m.get("content") or "").startswith(texts)
+        )
         step = self.owner.session[min(done, len(self.owner.session) - 1)]
         text = _chat_reply(step, messages)
         self.owner.record("chat", step.action, (step.usage_in, step.usage_out), self.headers)

@@ -150,7 +150,13 @@ def everything_stored(store: Store, run: Run) -> str:
     )
 
 
-def assert_fixed(rig: Rig, repo: Path, run: Run, fake: ModelFake) -> None:
+def assert_fixed(
+    rig: Rig,
+    repo: Path,
+    run: Run,
+    fake: ModelFake,
+    turns: tuple[str, ...] = ("read", "edit", "run", "finish"),
+) -> None:
     assert run.state == RunState.SUCCEEDED, (run.reason, run.error)
     branch = rig.store.get_pipeline(run.pipeline_id).branch
     assert GOOD_LINE in git(repo, "show", f"{branch}:{BUG_FILE}")
@@ -164,7 +170,7 @@ def assert_fixed(rig: Rig, repo: Path, run: Run, fake: ModelFake) -> None:
     assert run.usage is not None
     assert run.usage["input_tokens"] == fake.served.input_tokens
     assert run.usage["output_tokens"] == fake.served.output_tokens
-    assert fake.served.session_steps[:4] == ["read", "edit", "run", "finish"]
+    assert tuple(fake.served.session_steps) == turns
     # The key reached the model server, and only it.
     assert {h.get("x-api-key") or h.get("authorization") for h in fake.served.headers} <= {
         CANARY,
@@ -256,6 +262,9 @@ def test_a_run_token_is_refused_after_its_run_and_by_another_run(
     # (the scripted server has no GET /v1/models: 404 from there, not from the gateway).
     assert answers == [(401, 404)]
     assert stale not in probe.tokens
+    # The second run on the same repository image builds no agent layer.
+    layers = [e for e in rig.store.events(run2.id, kinds=["image"]) if "agent layer" in e.message]
+    assert [(e.data or {}).get("built") for e in layers] == [False]
 
 
 def test_codex_fixes_the_sample_through_the_gateway(
@@ -307,3 +316,16 @@ def test_trimo_run_with_a_preset_shows_usage_and_the_transcript(
     assert "● ran `python3 -m pytest -q tests/test_models.py` → exit 0" in logs.stdout
     assert '{"type":' not in logs.stdout  # steps, not the CLI's raw JSON
     assert CANARY not in logs.stdout
+
+
+def test_aider_fixes_the_sample_through_the_gateway(
+    rig: Rig, tmp_path: Path, fake: ModelFake
+) -> None:
+    repo = sample(tmp_path / "repo", "aider")
+    watch = Watch(rig.client)
+    run = rig.run(repo, watch)
+    # Aider asks for the file, edits it and runs the tests itself (--auto-test): two model turns.
+    assert_fixed(rig, repo, run, fake, turns=("read", "edit"))
+    assert "gateway" in watch.checks and "run" in watch.checks
+    assert {r["api"] for r in fake.served.requests} == {"chat"}
+    assert run.summary and "SEARCH" in run.summary
