@@ -33,12 +33,12 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 
 CANARY = "sk-canary-7Qm2vX-provider-key-never-in-a-container"
 KEYS = {"ANTHROPIC_API_KEY": CANARY, "OPENAI_API_KEY": CANARY}
+# One configuration for every preset (the preset is the run's `--agent`): the repository image,
+# whose context holds this file, is then built once, and each agent layer once on top of it.
 CONFIG = """test:
   command: python3 -m pytest --junitxml="${{TRIMO_OUT:-.}}/junit.xml"
   junit: junit.xml
 network: none
-agent:
-  preset: {preset}
 {extra}"""
 
 
@@ -59,10 +59,10 @@ def fake(docker_client: docker.DockerClient) -> Iterator[ModelFake]:
         yield server
 
 
-def sample(path: Path, preset: str, extra: str = "") -> Path:
+def sample(path: Path, extra: str = "") -> Path:
     repo = make_sample_repo(path)
-    (repo / ".trimo" / "config.yml").write_text(CONFIG.format(preset=preset, extra=extra))
-    git(repo, "commit", "-qam", f"Trimo: agent preset {preset}")
+    (repo / ".trimo" / "config.yml").write_text(CONFIG.format(extra=extra))
+    git(repo, "commit", "-qam", "Trimo: network none")
     return repo
 
 
@@ -192,9 +192,9 @@ def mine(client: docker.DockerClient, run: Run) -> list[object]:
 def test_claude_code_fixes_the_sample_through_the_gateway(
     rig: Rig, tmp_path: Path, fake: ModelFake
 ) -> None:
-    repo = sample(tmp_path / "repo", "claude-code")
+    repo = sample(tmp_path / "repo")
     watch = Watch(rig.client)
-    run = rig.run(repo, watch)
+    run = rig.run(repo, watch, agent="claude-code")
     assert_fixed(rig, repo, run, fake)
     assert "gateway" in watch.checks and "run" in watch.checks
     assert run.summary and "slug_for" in run.summary
@@ -207,7 +207,9 @@ def test_a_budget_smaller_than_the_session_ends_budget_exceeded_with_the_work_pu
 ) -> None:
     # Enough for reading and editing; the call after the edit is refused.
     budget = sum(s.usage_in + s.usage_out for s in SESSION[:2])
-    repo = sample(tmp_path / "repo", "claude-code", f"  budget: {{tokens: {budget}}}\n")
+    repo = sample(
+        tmp_path / "repo", f"agent:\n  preset: claude-code\n  budget: {{tokens: {budget}}}\n"
+    )
     run = rig.run(repo)
     assert run.state == RunState.BUDGET_EXCEEDED, (run.reason, run.error)
     assert run.reason and "budget" in run.reason
@@ -223,7 +225,7 @@ def test_a_run_token_is_refused_after_its_run_and_by_another_run(
     rig: Rig, tmp_path: Path, fake: ModelFake
 ) -> None:
     first = Watch(rig.client)
-    run1 = rig.run(sample(tmp_path / "one", "claude-code"), first)
+    run1 = rig.run(sample(tmp_path / "one"), first, agent="claude-code")
     assert run1.state == RunState.SUCCEEDED and first.tokens
     stale = first.tokens[0]
     answers: list[tuple[int, int]] = []
@@ -256,7 +258,7 @@ def test_a_run_token_is_refused_after_its_run_and_by_another_run(
                 answers.append((codes[0], codes[1]))
 
     probe = Probe(rig.client)
-    run2 = rig.run(sample(tmp_path / "two", "claude-code"), probe)
+    run2 = rig.run(sample(tmp_path / "two"), probe, agent="claude-code")
     assert run2.state == RunState.SUCCEEDED, (run2.reason, run2.error)
     # The first run's token at the second run's gateway: refused. Its own token goes upstream
     # (the scripted server has no GET /v1/models: 404 from there, not from the gateway).
@@ -270,9 +272,9 @@ def test_a_run_token_is_refused_after_its_run_and_by_another_run(
 def test_codex_fixes_the_sample_through_the_gateway(
     rig: Rig, tmp_path: Path, fake: ModelFake
 ) -> None:
-    repo = sample(tmp_path / "repo", "codex")
+    repo = sample(tmp_path / "repo")
     watch = Watch(rig.client)
-    run = rig.run(repo, watch)
+    run = rig.run(repo, watch, agent="codex")
     assert_fixed(rig, repo, run, fake)
     assert "gateway" in watch.checks and "run" in watch.checks
     assert run.summary and "slug_for" in run.summary
@@ -282,11 +284,7 @@ def test_codex_fixes_the_sample_through_the_gateway(
 def test_trimo_run_with_a_preset_shows_usage_and_the_transcript(
     tmp_path: Path, base_image: str, fake: ModelFake
 ) -> None:
-    repo = make_sample_repo(tmp_path / "repo")
-    (repo / ".trimo" / "config.yml").write_text(
-        CONFIG.format(preset="codex", extra="").replace("  preset: codex\n", "  max_turns: 20\n")
-    )
-    git(repo, "commit", "-qam", "Trimo: no preset in the configuration")
+    repo = sample(tmp_path / "repo")
     env = {
         **os.environ,
         "TRIMO_DATA_DIR": str(tmp_path / "data"),
@@ -321,9 +319,9 @@ def test_trimo_run_with_a_preset_shows_usage_and_the_transcript(
 def test_aider_fixes_the_sample_through_the_gateway(
     rig: Rig, tmp_path: Path, fake: ModelFake
 ) -> None:
-    repo = sample(tmp_path / "repo", "aider")
+    repo = sample(tmp_path / "repo")
     watch = Watch(rig.client)
-    run = rig.run(repo, watch)
+    run = rig.run(repo, watch, agent="aider")
     # Aider asks for the file, edits it and runs the tests itself (--auto-test): two model turns.
     assert_fixed(rig, repo, run, fake, turns=("read", "edit"))
     assert "gateway" in watch.checks and "run" in watch.checks
