@@ -438,7 +438,9 @@ class Engine:
                 if why == "budget":
                     control.stop(RunState.BUDGET_EXCEEDED, str(event.get("spent") or ""))
 
-        gateway = start_gateway(self.runtime, spec, network, on_event)
+        gateway = start_gateway(
+            self.runtime, spec, network, on_event, extra_ca_certs=self.extra_ca_certs
+        )
         self.store.add_event(
             run.id,
             "gateway",

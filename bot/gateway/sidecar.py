@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bot import images
+from bot.cacerts import read_certificates
 from bot.errors import TrimoError
 from bot.gateway.policy import Provider
 from bot.gateway.proxy import CONFIG_PATH, EVENT_PREFIX, PORT
@@ -51,13 +52,31 @@ class GatewaySpec:
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def gateway_image(runtime: DockerRuntime, progress: Callable[[str], None] | None = None) -> str:
-    """trimo/gateway:bookworm, built from images/gateway plus bot/gateway/proxy.py, or reused."""
+def gateway_image(
+    runtime: DockerRuntime,
+    progress: Callable[[str], None] | None = None,
+    extra_ca_certs: Path | None = None,
+) -> str:
+    """trimo/gateway:bookworm, built from images/gateway plus bot/gateway/proxy.py, or reused.
+
+    The server's extra CA certificates join its bundle too: a proxy that intercepts TLS stands
+    between the gateway and the provider as it does between a container and a registry.
+    """
     images.bootstrap_debian(runtime.client, progress)
     with tempfile.TemporaryDirectory(prefix="trimo-gateway-") as tmp:
         context = Path(tmp)
         shutil.copy(images.images_dir() / "gateway" / "Dockerfile", context / "Dockerfile")
         shutil.copy(Path(__file__).with_name("proxy.py"), context / "proxy.py")
+        (context / "extra-ca").mkdir()
+        if extra_ca_certs is not None:
+            try:
+                certificates = read_certificates(extra_ca_certs)
+            except ValueError as exc:
+                raise TrimoError(str(exc)) from None
+            for n, pem in enumerate(certificates):
+                (context / "extra-ca" / f"extra-{n:03d}.crt").write_text(pem, encoding="ascii")
+        else:
+            (context / "extra-ca" / "none").write_text("")
         result = images.build_image(
             runtime.client, context, tag=GATEWAY_IMAGE, progress=progress, name="gateway"
         )
@@ -119,9 +138,10 @@ def start_gateway(
     network: str,
     on_event: Callable[[dict[str, Any]], None],
     progress: Callable[[str], None] | None = None,
+    extra_ca_certs: Path | None = None,
 ) -> Gateway:
     """Start the run's gateway on `network` (as `model-gateway`); returns once it answers."""
-    image = gateway_image(runtime, progress)
+    image = gateway_image(runtime, progress, extra_ca_certs)
     token = "trimo-run-" + secrets.token_urlsafe(32)
     routes = []
     for provider in spec.providers:
