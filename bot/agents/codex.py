@@ -7,7 +7,7 @@ import re
 import shlex
 from typing import Any
 
-from bot.agents.transcript import Step, action_for_command
+from bot.agents.transcript import Step, classify_command
 
 _WRAPPED = re.compile(r"^(?:/bin/|/usr/bin/)?(?:ba)?sh -l?c (.+)$", re.DOTALL)
 
@@ -43,12 +43,13 @@ class CodexParser:
         if kind == "command_execution":
             command = unwrap(str(item.get("command", "")))
             code = item.get("exit_code")
+            action, target = classify_command(command)
             return [
                 Step(
                     "tool",
                     tool="shell",
-                    action=action_for_command(command),
-                    target=command,
+                    action=action,
+                    target=target,
                     exit_code=code if isinstance(code, int) else None,
                     ok=item.get("status") != "failed",
                     text=str(item.get("aggregated_output", ""))[:2000],

@@ -63,9 +63,13 @@ def _one_line(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def action_for_command(command: str) -> str:
-    """What a shell command does, roughly: reading a file is `cat`/`sed -n`, the rest is running."""
+def classify_command(command: str) -> tuple[str, str]:
+    """What a shell command does, roughly, and to what: `cat FILE` reads it, `sed -i … FILE`
+    edits it, anything else runs (its target is the command itself)."""
     words = command.split()
-    if words and words[0] in ("cat", "head", "tail", "less", "nl") and len(words) <= 3:
-        return "read"
-    return "run"
+    if words and words[0] in ("cat", "head", "tail", "less", "nl") and 2 <= len(words) <= 3:
+        return "read", words[-1]
+    in_place = len(words) >= 3 and words[0] in ("sed", "perl") and words[1] in ("-i", "-pi")
+    if in_place and not any(ch in command for ch in "|;&>"):
+        return "edit", words[-1]
+    return "run", command
