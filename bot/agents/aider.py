@@ -29,6 +29,8 @@ class AiderParser:
             return [Step("message", text=text)]
         if self.after_reply and _PATH.match(text):
             return [Step("tool", tool="add", action="read", target=text)]
+        if not text or text.startswith(("Add file to the chat?", "Add ", "Warning: ")):
+            return None  # blank lines and Aider's own prompts sit between a reply and its files
         self.after_reply = False
         if m := _APPLIED.match(text):
             return [Step("tool", tool="edit", action="edit", target=m.group(1))]
