@@ -227,6 +227,8 @@ class Engine:
             # Every value the run was given (and the model keys it was not): none of them may
             # leave in what Trimo publishes.
             handed_out = {**ctx.extra_secrets, **secrets, **model_keys}
+            if gateway is not None:
+                handed_out["TRIMO_MODEL_TOKEN"] = gateway.token
             try:
                 outcome = self._finish(
                     run, checkout, config, outcome, out_dir, masker, obs, handed_out
