@@ -25,7 +25,15 @@ def build_agent_layer(
     return images.build_image(
         client,
         context,
-        buildargs={"REPO_IMAGE": repo_image},
+        buildargs={"REPO_IMAGE": _stable_name(client, repo_image)},
         name=f"{base_name}-{preset}",
         progress=progress,
     )
+
+
+def _stable_name(client: docker.DockerClient, image: str) -> str:
+    """The image's content-hash tag when it has one: the same repository image goes by several
+    names (one per checkout's folder), and a build argument is part of the layer's hash."""
+    tags = client.images.get(image).tags
+    stable = sorted(t for t in tags if t.startswith(images.HASH_REPO + ":"))
+    return stable[0] if stable else image
