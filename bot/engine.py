@@ -17,14 +17,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import docker
 
 from bot import images
+from bot.agents import PRESETS, Preset, Step
+from bot.agents.layer import build_agent_layer
 from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image, host_addresses
 from bot.errors import ConfigError, ImageBuildError, PublishRefused, TrimoError, WorkspaceError
+from bot.gateway.network import run_network
+from bot.gateway.policy import ModelPolicy
+from bot.gateway.sidecar import Gateway, GatewaySpec, start_gateway
 from bot.junit import TestReport, parse_junit
 from bot.masking import Masker
 from bot.network import (
@@ -47,7 +53,7 @@ from bot.protocol import (
     ExitCode,
     parse_line,
 )
-from bot.repoconfig import RepoConfig, parse_repo_config
+from bot.repoconfig import AGENT_ADAPTER, RepoConfig, parse_repo_config
 from bot.runtime import ContainerSpec, DockerRuntime, files_tar
 from bot.secretscan import SecretInResult, check_secret_value, refuse_secrets
 from bot.states import RunMode, RunState
@@ -83,6 +89,17 @@ CANCELLED = "cancelled"
 TIMED_OUT = "timed out after {seconds}s; the work so far was committed and pushed"
 RUNNER_ERROR = "the runner could not start the run: {detail}"
 CONTAINER_DIED = "the container ended without a result (exit {code}, {oom})"
+BUDGET_EXCEEDED = (
+    "the model budget was spent ({spent}); the agent was stopped and its work so far pushed"
+)
+DAILY_CAP_SPENT = (
+    "the installation's daily model budget is spent (${spent:.2f} of ${cap:.2f} today, UTC): "
+    "the agent did not start; raise daily_model_usd in Trimo's settings or wait until tomorrow"
+)
+MISSING_MODEL_KEY = (
+    "agent preset {preset} calls the {provider} API, but the server has no {name} for it: set "
+    "TRIMO_SECRET_{name} (or {name}) in Trimo's environment; the key stays in the model gateway"
+)
 
 
 class Observer(Protocol):
@@ -111,6 +128,33 @@ class RunContext:
     start_ref: str | None = None
 
 
+class _Control:
+    """Who may stop a run's container, and why it was stopped (the first reason wins)."""
+
+    def __init__(self, engine: Engine, run_id: int) -> None:
+        self.engine = engine
+        self.run_id = run_id
+        self.container_id: str | None = None
+        self.reasons: list[RunState] = []
+        self.detail: str | None = None
+        self.lock = threading.Lock()
+
+    def stop(self, reason: RunState, detail: str | None = None) -> None:
+        with self.lock:
+            if self.reasons:
+                return
+            self.reasons.append(reason)
+            self.detail = detail
+            cid = self.container_id
+        self.engine.store.add_event(self.run_id, "stop", f"stopping the container: {reason.value}")
+        if cid is not None:
+            self.engine.runtime.stop(cid, STOP_GRACE_SECONDS)
+
+
+class BudgetSpent(TrimoError):
+    """The run may not call a model at all: its installation's daily cap is spent."""
+
+
 @dataclass
 class _Outcome:
     state: RunState
@@ -135,6 +179,7 @@ class Engine:
         heartbeat_seconds: int = 5,
         extra_ca_certs: Path | None = None,
         network_limits: NetworkLimits | None = None,
+        models: ModelPolicy | None = None,
     ) -> None:
         self.store = store
         self.workspace = workspace
@@ -147,6 +192,7 @@ class Engine:
         self.extra_ca_certs = extra_ca_certs
         self.network_limits = network_limits or NetworkLimits()
         self._host_addresses = host_addresses()
+        self.models = models or ModelPolicy()
 
     @property
     def docker(self) -> docker.DockerClient:
@@ -161,16 +207,52 @@ class Engine:
         obs.state(run)
         container_id: str | None = None
         network: list[RunNetwork] = []
+        gateway: Gateway | None = None
+        gateway_network: str | None = None
+        control = _Control(self, run.id)
         try:
             checkout, config, image, spec = self._prepare(run, ctx, masker, obs, network)
             secrets = self._secrets(config)
             masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
-            container_id = self._create(run, checkout, config, image, spec, secrets, network)
-            outcome, out_dir = self._watch(run, container_id, config, masker, obs)
+            agent = self._preset(run, config)
+            agent_env: dict[str, str] = {}
+            model_keys: dict[str, str] = {}
+            if agent is not None:
+                image = self._agent_layer(run, image, agent, masker, obs)
+                spec = dataclasses.replace(spec, image=image)
+                model_keys = self._model_keys(agent)
+                masker = Masker(
+                    [*ctx.extra_secrets.values(), *secrets.values(), *model_keys.values()]
+                )
+                if network:
+                    # The gateway joins the run's network beside its proxy, once both are up.
+                    network[0].ready()
+                else:
+                    # `network: none`: a network of the run's own that holds the gateway only.
+                    gateway_network = run_network(self.runtime, spec)
+                    spec = dataclasses.replace(spec, network=spec.name or "")
+                gateway = self._gateway(run, config, agent, model_keys, spec, control)
+                agent_env = agent.env(
+                    gateway.base_url(agent.provider),
+                    gateway.token,
+                    config.agent.model,
+                    config.agent.max_turns,
+                )
+                if agent.name == "aider" and config.test.command:
+                    agent_env["TRIMO_AGENT_TEST_COMMAND"] = config.test.command
+            container_id = self._create(
+                run, checkout, config, spec, secrets, network, agent, agent_env
+            )
+            with control.lock:
+                control.container_id = container_id
+            outcome, out_dir = self._watch(run, container_id, config, masker, obs, control, agent)
             for net in network:
                 net.release()
-            # Every value the run was given: none of them may leave in what Trimo publishes.
-            handed_out = {**ctx.extra_secrets, **secrets}
+            # Every value the run was given (and the model keys it was not): none of them may
+            # leave in what Trimo publishes.
+            handed_out = {**ctx.extra_secrets, **secrets, **model_keys}
+            if gateway is not None:
+                handed_out["TRIMO_MODEL_TOKEN"] = gateway.token
             try:
                 outcome = self._finish(
                     run, checkout, config, outcome, out_dir, masker, obs, handed_out
@@ -180,6 +262,8 @@ class Engine:
                     shutil.rmtree(out_dir, ignore_errors=True)
         except ConfigError as exc:
             outcome = _Outcome(RunState.ERROR, f"invalid configuration: {exc}")
+        except BudgetSpent as exc:
+            outcome = _Outcome(RunState.BUDGET_EXCEEDED, str(exc))
         except ImageBuildError as exc:
             outcome = _Outcome(RunState.ERROR, f"image build failed: {exc}", list(exc.tail))
         except TrimoError as exc:
@@ -190,11 +274,15 @@ class Engine:
             log.exception("run %s failed unexpectedly", run.id)
             outcome = _Outcome(RunState.ERROR, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            if gateway is not None:
+                gateway.close()
             if container_id is not None:
                 self.runtime.remove(container_id)
             for net in network:
                 net.close()
                 self._report_blocked(run, net)
+            if gateway_network is not None:
+                self.runtime.remove_network(gateway_network)
         reason = masker.mask(outcome.reason) if outcome.reason else None
         fields: dict[str, Any] = {}
         if outcome.tail:
@@ -325,6 +413,102 @@ class Engine:
             values[name] = value
         return values
 
+    # -- the agent preset: its layer and its model gateway -------------------------------------
+
+    def _preset(self, run: Run, config: RepoConfig) -> Preset | None:
+        """The agent preset the run uses: `trimo run --agent <preset>` or `agent.preset`."""
+        if run.mode == RunMode.TESTS:
+            return None
+        if run.agent_command:
+            return PRESETS.get(run.agent_command.strip())
+        return PRESETS.get(config.agent.preset or "")
+
+    def _agent_layer(
+        self, run: Run, image: str, agent: Preset, masker: Masker, obs: Observer
+    ) -> str:
+        def progress(line: str) -> None:
+            masked = [masker.mask(line)]
+            self.store.add_logs(run.id, masked)
+            obs.logs(run, masked)
+
+        started = time.monotonic()
+        result = build_agent_layer(self.docker, image, agent.name, progress)
+        what = "built" if result.built else "reused"
+        self.store.add_event(
+            run.id,
+            "image",
+            f"agent layer {result.tag} ({agent.name}) {what} in {time.monotonic() - started:.1f}s",
+            {"built": result.built, "tag": result.tag, "hash": result.context_hash},
+        )
+        self.store.update_run(run.id, image_tag=result.tag)
+        return result.tag
+
+    def _model_keys(self, agent: Preset) -> dict[str, str]:
+        """The provider key the preset's calls need, from the server's secrets (one lookup)."""
+        provider = next(p for p in self.models.providers() if p.name == agent.provider)
+        value = self.secret_lookup(provider.secret)
+        if value is None:
+            raise TrimoError(
+                MISSING_MODEL_KEY.format(
+                    preset=agent.name, provider=provider.name, name=provider.secret
+                )
+            )
+        return {provider.secret: value}
+
+    def _gateway(
+        self,
+        run: Run,
+        config: RepoConfig,
+        agent: Preset,
+        keys: dict[str, str],
+        run_spec: ContainerSpec,
+        control: _Control,
+    ) -> Gateway:
+        usd = config.agent.budget.usd
+        if self.models.daily_usd is not None:
+            pipeline = self.store.get_pipeline(run.pipeline_id)
+            midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            spent = self.store.model_usd_since(pipeline.installation_id, midnight)
+            left = self.models.daily_usd - spent
+            if left <= 0:
+                raise BudgetSpent(DAILY_CAP_SPENT.format(spent=spent, cap=self.models.daily_usd))
+            usd = left if usd is None else min(usd, left)
+        spec = GatewaySpec(
+            run=run_spec,
+            providers=[p for p in self.models.providers() if p.name == agent.provider],
+            keys=keys,
+            budget_tokens=config.agent.budget.tokens,
+            budget_usd=usd,
+            prices=dict(self.models.prices),
+        )
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = event.get("event")
+            if kind == "usage":
+                totals = event.get("totals") or {}
+                self.store.merge_report(run.id, usage=totals)
+                self.store.add_event(
+                    run.id,
+                    "usage",
+                    f"{event.get('model')}: {event.get('input_tokens')} tokens in, "
+                    f"{event.get('output_tokens')} out, ${float(event.get('usd') or 0):.4f}",
+                    event,
+                )
+            elif kind == "refused":
+                why = str(event.get("reason"))
+                self.store.add_event(run.id, "gateway", f"model call refused: {why}", event)
+                if why == "budget":
+                    control.stop(RunState.BUDGET_EXCEEDED, str(event.get("spent") or ""))
+
+        gateway = start_gateway(self.runtime, spec, on_event, extra_ca_certs=self.extra_ca_certs)
+        self.store.add_event(
+            run.id,
+            "gateway",
+            f"model gateway for {agent.provider} started beside the run",
+            {"provider": agent.provider},
+        )
+        return gateway
+
     # -- the container ------------------------------------------------------------------------
 
     def _create(
@@ -332,15 +516,22 @@ class Engine:
         run: Run,
         checkout: Checkout,
         config: RepoConfig,
-        image: str,
         spec: ContainerSpec,
         secrets: dict[str, str],
         network: list[RunNetwork],
+        preset: Preset | None = None,
+        agent_env: dict[str, str] | None = None,
     ) -> str:
-        agent = None if run.mode == RunMode.TESTS else (run.agent_command or config.agent_command())
-        cid = self.runtime.create(dataclasses.replace(spec, env=secrets))
+        if preset is not None:
+            agent: str | None = AGENT_ADAPTER
+        else:
+            agent = (
+                None if run.mode == RunMode.TESTS else (run.agent_command or config.agent_command())
+            )
+        agent_env = agent_env or {}
+        cid = self.runtime.create(dataclasses.replace(spec, env={**secrets, **agent_env}))
         try:
-            self._fill(run, cid, checkout, config, agent, secrets, network)
+            self._fill(run, cid, checkout, config, agent, secrets, agent_env, network)
         except BaseException:
             self.runtime.remove(cid)
             raise
@@ -354,6 +545,7 @@ class Engine:
         config: RepoConfig,
         agent: str | None,
         secrets: dict[str, str],
+        agent_env: dict[str, str],
         network: list[RunNetwork],
     ) -> None:
         self.store.update_run(run.id, container_id=cid)
@@ -363,6 +555,7 @@ class Engine:
             "agent_command": agent,
             "test_command": config.test.command,
             "secret_names": sorted(secrets),
+            "agent_env_names": sorted(agent_env),
             "heartbeat_seconds": self.heartbeat_seconds,
             "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
             "proxy": PROXY_URL if network else None,
@@ -418,17 +611,22 @@ class Engine:
         self.store.add_logs(run.id, ["network: blocked hosts", *blocked_text(rows)])
 
     def _watch(
-        self, run: Run, cid: str, config: RepoConfig, masker: Masker, obs: Observer
+        self,
+        run: Run,
+        cid: str,
+        config: RepoConfig,
+        masker: Masker,
+        obs: Observer,
+        control: _Control | None = None,
+        preset: Preset | None = None,
     ) -> tuple[_Outcome, Path | None]:
         timeout = config.timeout_or(self.default_timeout)
-        stop_reason: list[RunState] = []
+        control = control or _Control(self, run.id)
+        control.container_id = cid
+        stop = control.stop
         finished = threading.Event()
-
-        def stop(reason: RunState) -> None:
-            if not stop_reason:
-                stop_reason.append(reason)
-                self.store.add_event(run.id, "stop", f"stopping the container: {reason.value}")
-                self.runtime.stop(cid, STOP_GRACE_SECONDS)
+        parser = preset.parser() if preset is not None else None
+        phase = ""
 
         def watchdog() -> None:
             deadline = time.monotonic() + timeout
@@ -457,6 +655,11 @@ class Engine:
         try:
             for line in self.runtime.lines(cid):
                 event = parse_line(line)
+                steps = parser.feed(line) if parser and event is None and phase == "agent" else None
+                if steps is not None:
+                    flush()
+                    self._steps(run, steps, masker, obs)
+                    continue
                 if event is None:
                     buffer.append(masker.mask(line))
                     if (
@@ -474,7 +677,8 @@ class Engine:
                     run.id, "event", event.kind, cast(dict[str, Any], masker.mask_obj(event.data))
                 )
                 if event.kind == "phase":
-                    state = _PHASE_STATES.get(str(event.data.get("phase")))
+                    phase = str(event.data.get("phase"))
+                    state = _PHASE_STATES.get(phase)
                     if state is not None:
                         obs.state(self.store.set_state(run.id, state))
             flush()
@@ -483,7 +687,18 @@ class Engine:
             finished.set()
         out_dir = Path(tempfile.mkdtemp(prefix=f"trimo-run-{run.id}-"))
         self._fetch_results(run, cid, out_dir)
-        return _outcome(code, events, stop_reason, timeout), out_dir
+        outcome = _outcome(code, events, control.reasons, timeout)
+        if outcome.state == RunState.BUDGET_EXCEEDED:
+            outcome = _Outcome(outcome.state, BUDGET_EXCEEDED.format(spent=control.detail))
+        return outcome, out_dir
+
+    def _steps(self, run: Run, steps: list[Step], masker: Masker, obs: Observer) -> None:
+        """The agent's transcript: each step a run event, readable in `trimo runs logs`."""
+        for step in steps:
+            text = masker.mask(step.describe())
+            data = cast(dict[str, Any], masker.mask_obj(step.data()))
+            self.store.add_event(run.id, "step", text, data)
+            obs.logs(run, [f"▸ {text}"])
 
     def _fetch_results(self, run: Run, cid: str, out_dir: Path) -> None:
         """Copies out what the runner hands back, each from the place only its writer can write:
@@ -530,10 +745,9 @@ class Engine:
                     summary.read_text(errors="replace")[:MAX_SUMMARY_CHARS]
                 )
         if outcome.tests_exit_code is not None:
-            fields["report"] = {
-                **(self.store.get_run(run.id).report or {}),
-                "tests": {"exit_code": outcome.tests_exit_code, "junit": report is not None},
-            }
+            self.store.merge_report(
+                run.id, tests={"exit_code": outcome.tests_exit_code, "junit": report is not None}
+            )
         if fields:
             self.store.update_run(run.id, **fields)
         bundle = out_dir / BUNDLE_FILE if out_dir is not None else None
@@ -549,9 +763,7 @@ class Engine:
             self.store.add_event(
                 run.id, "publish", masker.mask(str(exc)), {"pushed": False, "secrets": hits}
             )
-            self.store.update_run(
-                run.id, report={**(self.store.get_run(run.id).report or {}), "secrets": hits}
-            )
+            self.store.merge_report(run.id, secrets=hits)
             return _Outcome(
                 RunState.REJECTED, f"result not published: {masker.mask(str(exc))}", outcome.tail
             )
@@ -569,16 +781,14 @@ class Engine:
     def _keep_result(self, run: Run, checkout: Checkout, result: Result) -> None:
         """Where the run's commits are, whether or not they are published: the operator can see
         them (`trimo runs show ID --patch`) when a publication is refused."""
-        self.store.update_run(
+        # Merged in place: the run's gateway may be adding its usage to the report meanwhile.
+        self.store.merge_report(
             run.id,
-            report={
-                **(self.store.get_run(run.id).report or {}),
-                "result": {
-                    "mirror": str(checkout.mirror),
-                    "ref": result.ref,
-                    "base": result.base,
-                    "head": result.head,
-                },
+            result={
+                "mirror": str(checkout.mirror),
+                "ref": result.ref,
+                "base": result.base,
+                "head": result.head,
             },
         )
 
@@ -593,15 +803,9 @@ class Engine:
         self.workspace.check_protected(result, config.protected_paths)
         refuse_secrets(handed_out, checkout.mirror, result.base, result.head, run.id)
         self.workspace.publish(checkout, result)
-        self.store.update_run(
-            run.id,
-            head_sha=result.head,
-            commits=len(result.commits),
-            report={
-                **(self.store.get_run(run.id).report or {}),
-                "commits": [list(c) for c in result.commits],
-                "branch": checkout.branch,
-            },
+        self.store.update_run(run.id, head_sha=result.head, commits=len(result.commits))
+        self.store.merge_report(
+            run.id, commits=[list(c) for c in result.commits], branch=checkout.branch
         )
         self.store.add_event(
             run.id,
@@ -637,6 +841,8 @@ def _state_of(
         state = stop_reason[0]
         if state == RunState.TIMED_OUT:
             return _Outcome(state, TIMED_OUT.format(seconds=timeout))
+        if state == RunState.BUDGET_EXCEEDED:
+            return _Outcome(state)
         return _Outcome(state, CANCELLED)
     if code == ExitCode.SUCCESS:
         return _Outcome(RunState.SUCCEEDED)

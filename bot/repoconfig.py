@@ -32,22 +32,17 @@ MIN_MEMORY_BYTES = 6 * 1024**2  # Docker refuses less.
 MIN_PIDS = 64
 DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
 
-# Named agents a repository can pick with `agent.preset`; each reads the task file the runner
-# provides and needs the listed secrets.
+# Named agents a repository can pick with `agent.preset`: the real CLI on top of the repository's
+# image (bot/agents, images/agents/<preset>/), run headless on the task file by the adapter its
+# layer installs. A preset needs no secret in the container: its model calls go through the run's
+# model gateway, which holds the key.
+AGENT_ADAPTER = "/opt/trimo/agent/run"
 AGENT_PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "claude-code": (
-        'claude --print --dangerously-skip-permissions "$(cat "$TRIMO_TASK_FILE")"',
-        ("ANTHROPIC_API_KEY",),
-    ),
-    "codex": (
-        'codex exec --full-auto "$(cat "$TRIMO_TASK_FILE")"',
-        ("OPENAI_API_KEY",),
-    ),
-    "aider": (
-        'aider --yes-always --no-check-update --message-file "$TRIMO_TASK_FILE"',
-        ("ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
-    ),
+    "claude-code": (AGENT_ADAPTER, ()),
+    "codex": (AGENT_ADAPTER, ()),
+    "aider": (AGENT_ADAPTER, ()),
 }
+DEFAULT_MAX_TURNS = 50
 
 DURATION_EXPECTED = "a duration like 90s, 30m or 1h30m (between 10s and 24h)"
 SIZE_EXPECTED = "a size like 512m or 4g (at least 6m)"
@@ -57,7 +52,12 @@ ENV_NAME_EXPECTED = "an environment variable name like ANTHROPIC_API_KEY (not st
 EXPECTED: dict[str, str] = {
     "image": "a mapping with the key dockerfile",
     "image.dockerfile": "a path inside .trimo/, like Dockerfile",
-    "agent": "a mapping with the keys command, preset, secrets",
+    "agent": "a mapping with the keys command, preset, secrets, model, max_turns, budget",
+    "agent.model": "a model name, like claude-sonnet-4-5",
+    "agent.max_turns": "a whole number of turns between 1 and 1000",
+    "agent.budget": "a mapping with the keys tokens, usd",
+    "agent.budget.tokens": "a whole number of tokens greater than 0",
+    "agent.budget.usd": "an amount of US dollars greater than 0, like 2.5",
     "agent.command": "a shell command (a string)",
     "agent.preset": "one of " + ", ".join(AGENT_PRESETS),
     "agent.secrets": "a list of environment variable names",
@@ -213,10 +213,22 @@ class ImageConfig(_Section):
         return value
 
 
+class BudgetConfig(_Section):
+    """The most a run's model calls may spend; the gateway refuses calls beyond it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # `usd: 2` is a fine float
+
+    tokens: int | None = Field(None, gt=0, strict=True)
+    usd: float | None = Field(None, gt=0)
+
+
 class AgentConfig(_Section):
     command: str | None = None
     preset: str | None = None
     secrets: list[Annotated[str, BeforeValidator(_secret_name)]] = Field(default_factory=list)
+    model: str | None = None
+    max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=1000)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     @field_validator("preset")
     @classmethod

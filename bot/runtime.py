@@ -34,6 +34,7 @@ LABEL_STORE = "trimo.store"
 LABEL_ROLE = "trimo.role"
 ROLE_RUN = "run"
 ROLE_PROXY = "proxy"
+ROLE_GATEWAY = "gateway"
 ROLE_NETWORK = "network"
 # The one non-internal network of an engine: proxies reach the internet through it, runs never.
 EGRESS_NETWORK = "trimo-egress"
@@ -99,13 +100,21 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class ProxySpec:
-    """The egress proxy beside one run: on the egress network and, as `alias`, on the run's."""
+    """A container beside one run (its egress proxy, its model gateway): on the egress network
+    and, as `alias`, on the run's; hardened alike, labelled with the run so it is reaped with it."""
 
     image: str
     run: ContainerSpec  # whose labels it carries, so it goes with the run
     run_network: str
     alias: str
     env: Mapping[str, str] = field(default_factory=dict)
+    role: str = ROLE_PROXY
+    user: str = "nobody"
+    # The gateway's configuration (its keys) is uploaded before start, which Docker refuses
+    # into a read-only root; the proxy needs no file at all.
+    read_only: bool = True
+    memory_bytes: int = PROXY_MEMORY_BYTES
+    pids: int = PROXY_PIDS
 
 
 @dataclass(frozen=True)
@@ -232,33 +241,43 @@ class DockerRuntime:
                 )
         return EGRESS_NETWORK
 
-    def start_proxy(self, spec: ProxySpec) -> str:
-        """Create and start the run's proxy; returns its container id."""
+    def create_sidecar(self, spec: ProxySpec) -> str:
+        """Create (not start) a container beside the run; returns its container id."""
         egress = self.ensure_egress_network()
+        suffix = spec.role
         container: Container = self.client.containers.create(
             image=spec.image,
             detach=True,
             environment=dict(spec.env),
-            labels=spec.run.labels(ROLE_PROXY),
-            name=f"{spec.run.name}-proxy" if spec.run.name else None,
+            labels=spec.run.labels(spec.role),
+            name=f"{spec.run.name}-{suffix}" if spec.run.name else None,
             network=egress,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
-            read_only=True,
-            mem_limit=PROXY_MEMORY_BYTES,
-            memswap_limit=PROXY_MEMORY_BYTES,
-            pids_limit=PROXY_PIDS,
-            user="nobody",
+            read_only=spec.read_only,
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,
+            pids_limit=spec.pids,
+            user=spec.user,
         )
         try:
             self.client.api.connect_container_to_network(
                 container.id, spec.run_network, aliases=[spec.alias]
             )
-            self.client.api.start(container.id)
         except BaseException:
             self.remove(str(container.id))
             raise
         return str(container.id)
+
+    def start_proxy(self, spec: ProxySpec) -> str:
+        """Create and start the run's proxy; returns its container id."""
+        cid = self.create_sidecar(spec)
+        try:
+            self.client.api.start(cid)
+        except BaseException:
+            self.remove(cid)
+            raise
+        return cid
 
     def put_archive(self, container_id: str, path: str, data: bytes) -> None:
         if not self.client.api.put_archive(container_id, path, data):

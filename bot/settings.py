@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from bot.cacerts import read_certificates
 from bot.errors import SettingsError
+from bot.gateway.policy import ModelPolicy
 from bot.network import HOST_EXPECTED, NetworkLimits, NetworkMode, valid_host_pattern
 from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
 from bot.secretscan import check_secret_value
@@ -56,6 +57,15 @@ NO_WEBHOOK_SIGNING_KEY = (
 SETTINGS_FILE_MISSING = "settings file {path} does not exist: check {source}"
 SETTINGS_FILE_BAD = "settings file {path} is not valid TOML: {problem}"
 SETTING_BAD = "{setting}: {problem}"
+
+# Public list prices, US dollars per million tokens (input, output); a server sets its own.
+DEFAULT_MODEL_PRICES: dict[str, tuple[float, float]] = {
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4": (1.0, 5.0),
+    "gpt-5": (1.25, 10.0),
+    "gpt-4.1": (2.0, 8.0),
+}
 
 _file_data: ContextVar[dict[str, Any] | None] = ContextVar("trimo_settings_file", default=None)
 
@@ -121,6 +131,16 @@ class Settings(BaseSettings):
     min_permission: Permission = "write"
     bot_login: str | None = None
 
+    # The model gateway: where each provider's calls go (any compatible endpoint), the price of
+    # each model in US dollars per million tokens [input, output] (the longest matching name
+    # prefix wins), and the most one installation's runs may spend on models per UTC day.
+    anthropic_url: str = "https://api.anthropic.com"
+    openai_url: str = "https://api.openai.com/v1"
+    model_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_MODEL_PRICES)
+    )
+    daily_model_usd: float | None = Field(None, gt=0)
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
@@ -155,7 +175,7 @@ class Settings(BaseSettings):
             read_certificates(value)  # a wrong file fails at start, not at the next image build
         return value
 
-    @field_validator("api_url", "web_url")
+    @field_validator("api_url", "web_url", "anthropic_url", "openai_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
@@ -233,6 +253,15 @@ class Settings(BaseSettings):
         if name in self.secrets:
             return self.secrets[name].get_secret_value()
         return os.environ.get(SECRET_ENV_PREFIX + name) or os.environ.get(name) or None
+
+    def model_policy(self) -> ModelPolicy:
+        """What the model gateway of each run is told: providers, prices, the daily cap."""
+        return ModelPolicy(
+            anthropic_url=self.anthropic_url,
+            openai_url=self.openai_url,
+            prices=dict(self.model_prices),
+            daily_usd=self.daily_model_usd,
+        )
 
     def repo_git_url(self, repo: str) -> str:
         """The git URL of GitHub repository `repo` ("owner/name")."""

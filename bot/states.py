@@ -17,6 +17,7 @@ class RunState(StrEnum):
     ERROR = "error"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    BUDGET_EXCEEDED = "budget_exceeded"  # the model budget was spent; the work so far is pushed
     REJECTED = "rejected"
 
     @property
@@ -35,6 +36,7 @@ FINISHED = frozenset(
         RunState.ERROR,
         RunState.CANCELLED,
         RunState.TIMED_OUT,
+        RunState.BUDGET_EXCEEDED,
         RunState.REJECTED,
     }
 )

@@ -290,6 +290,12 @@ class Run:
         code = tests.get("exit_code") if isinstance(tests, dict) else None
         return code if isinstance(code, int) else None
 
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """Model usage as the run's gateway metered it: tokens in and out, dollars, calls."""
+        usage = (self.report or {}).get("usage")
+        return usage if isinstance(usage, dict) else None
+
 
 @dataclass(frozen=True)
 class RunEventRow:
@@ -634,6 +640,36 @@ class Store:
             result = s.execute(update(RunRecord).where(RunRecord.id == run_id).values(values))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise NoSuchRunError(NO_SUCH_RUN.format(run_id=run_id))
+
+    def merge_report(self, run_id: int, **parts: Any) -> None:
+        """Set keys of the run's report (e.g. `usage`, `commits`), keeping the others."""
+        with self._write() as s:
+            row = s.get(RunRecord, run_id)
+            if row is None:
+                raise NoSuchRunError(NO_SUCH_RUN.format(run_id=run_id))
+            report = json.loads(row.report_json) if row.report_json else {}
+            report.update(parts)
+            row.report_json = json.dumps(report)
+
+    def model_usd_since(self, installation_id: int | None, since: datetime) -> float:
+        """Dollars spent on model calls by the runs of one installation (None: local runs) since
+        `since`, as their gateways metered them."""
+        installation = (
+            PipelineRecord.installation_id.is_(None)
+            if installation_id is None
+            else PipelineRecord.installation_id == installation_id
+        )
+        stmt = (
+            select(RunRecord.report_json)
+            .join(PipelineRecord, PipelineRecord.id == RunRecord.pipeline_id)
+            .where(installation, RunRecord.created_at >= since, RunRecord.report_json.is_not(None))
+        )
+        total = 0.0
+        with self._read() as s:
+            for (raw,) in s.execute(stmt):
+                usage = (json.loads(raw or "{}") or {}).get("usage") or {}
+                total += float(usage.get("usd") or 0.0)
+        return total
 
     def request_cancel(self, run_id: int, reason: str) -> bool:
         """Ask the run's worker to stop it; False when the run has already finished."""

@@ -106,13 +106,37 @@ def test_memory_sizes(text: str, size: int) -> None:
     assert parse_repo_config(f"resources: {{memory: '{text}'}}").resources.memory_bytes == size
 
 
-def test_a_preset_supplies_the_command_and_its_secrets() -> None:
-    config = parse_repo_config("agent: {preset: claude-code, secrets: [EXTRA, ANTHROPIC_API_KEY]}")
+def test_a_preset_supplies_the_command_and_no_model_key() -> None:
+    config = parse_repo_config("agent: {preset: claude-code, secrets: [EXTRA]}")
     assert config.agent_command() == AGENT_PRESETS["claude-code"][0]
-    assert "$TRIMO_TASK_FILE" in (config.agent_command() or "")
-    assert config.secret_names() == ["ANTHROPIC_API_KEY", "EXTRA"]
-    for command, _secrets in AGENT_PRESETS.values():
-        assert "TRIMO_TASK_FILE" in command
+    # The model key stays in the run's gateway: a preset asks for no secret in the container.
+    assert config.secret_names() == ["EXTRA"]
+    for _command, secrets in AGENT_PRESETS.values():
+        assert secrets == ()
+
+
+def test_agent_budget_turns_and_model() -> None:
+    config = parse_repo_config(
+        "agent: {preset: codex, model: gpt-5, max_turns: 12, budget: {tokens: 50000, usd: 2}}"
+    )
+    assert config.agent.budget.tokens == 50000 and config.agent.budget.usd == 2.0
+    assert config.agent.max_turns == 12 and config.agent.model == "gpt-5"
+    assert parse_repo_config("agent: {preset: aider}").agent.budget.usd is None
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("agent: {budget: {tokens: 0}}", "agent.budget.tokens"),
+        ("agent: {budget: {usd: -1}}", "agent.budget.usd"),
+        ("agent: {budget: {dollars: 3}}", "agent.budget.dollars"),
+        ("agent: {max_turns: 0}", "agent.max_turns"),
+    ],
+)
+def test_a_bad_budget_names_its_field(text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_repo_config(text)
+    assert field in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +224,11 @@ def test_a_preset_supplies_the_command_and_its_secrets() -> None:
             "agent: {secrets: KEY}",
             "agent.secrets: expected a list of environment variable names, got 'KEY'",
         ),
-        ("agent: {cmd: x}", "agent.cmd: unknown key; expected one of: command, preset, secrets"),
+        (
+            "agent: {cmd: x}",
+            "agent.cmd: unknown key; expected one of: "
+            "command, preset, secrets, model, max_turns, budget",
+        ),
         ("test: {command: 5}", "test.command: expected a shell command (a string), got 5"),
         (
             "test: {junit: [a]}",

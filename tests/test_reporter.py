@@ -162,6 +162,7 @@ def test_agent_text_cannot_forge_a_marker() -> None:
         (RunState.ERROR, "failure"),
         (RunState.CANCELLED, "cancelled"),
         (RunState.TIMED_OUT, "timed_out"),
+        (RunState.BUDGET_EXCEEDED, "neutral"),
         (RunState.REJECTED, "action_required"),
     ],
 )
@@ -172,6 +173,16 @@ def test_check_run_conclusion(state: RunState, conclusion: str) -> None:
         "completed",
         conclusion,
     )
+
+
+def test_model_usage_shows_in_the_comment_and_the_check_run() -> None:
+    usage = {"input_tokens": 6600, "output_tokens": 220, "usd": 0.0231, "calls": 4}
+    finished = view(RunState.BUDGET_EXCEEDED, usage=usage, reason="the model budget was spent")
+    line = "**Model usage:** 6,600 tokens in, 220 out, $0.0231 (4 model calls)"
+    assert line in render_comment(finished)
+    assert "spent its model budget" in render_comment(finished)
+    assert line in check_run_payload(finished)["output"]["summary"]
+    assert "Model usage" not in render_comment(view(RunState.SUCCEEDED))
 
 
 def test_check_run_live_status_and_limits() -> None:

@@ -509,3 +509,36 @@ def test_snapshots_outlive_the_store(store_url: str) -> None:
     assert run.task == "t" and run.created_at.tzinfo == UTC
     with pytest.raises(AttributeError):
         run.task = "changed"  # type: ignore[misc]
+
+
+# -- model usage -------------------------------------------------------------------------------
+
+
+def test_usage_joins_the_report_and_sums_per_installation_and_day(store: Store) -> None:
+    ours = _pipeline(store)
+    other = _pipeline(store, "issue:13")
+    store.get_or_create_pipeline(
+        repo="octo/else",
+        key="issue:1",
+        kind=PipelineKind.ISSUE,
+        branch="b",
+        title="t",
+        installation_id=7,
+    )
+    elsewhere = store.find_pipeline("octo/else", "issue:1")
+    assert elsewhere is not None
+    one = store.create_run(ours.id, trigger="label", task="t")
+    two = store.create_run(other.id, trigger="label", task="t")
+    far = store.create_run(elsewhere.id, trigger="label", task="t")
+    store.merge_report(one.id, commits=[["abc", "Fix"]], branch="trimo/x")
+    store.merge_report(one.id, usage={"input_tokens": 10, "output_tokens": 2, "usd": 1.5})
+    store.merge_report(two.id, usage={"usd": 0.25})
+    store.merge_report(far.id, usage={"usd": 9.0})
+    run = store.get_run(one.id)
+    assert run.usage == {"input_tokens": 10, "output_tokens": 2, "usd": 1.5}
+    assert (run.report or {})["commits"] == [["abc", "Fix"]]  # merged, not replaced
+    since = one.created_at - timedelta(minutes=1)
+    assert store.model_usd_since(99, since) == pytest.approx(1.75)
+    assert store.model_usd_since(7, since) == pytest.approx(9.0)
+    assert store.model_usd_since(99, one.created_at + timedelta(days=1)) == 0.0
+    assert store.model_usd_since(None, since) == 0.0

@@ -42,6 +42,7 @@ class App:
             default_timeout=self.settings.default_timeout,
             extra_ca_certs=self.settings.extra_ca_certs,
             network_limits=self.settings.network_limits(),
+            models=self.settings.model_policy(),
         )
 
     def require_runtime(self) -> DockerRuntime:

@@ -29,6 +29,7 @@ OUTCOME_STYLE = {
     RunState.ERROR: "bold red",
     RunState.TIMED_OUT: "bold yellow",
     RunState.CANCELLED: "bold yellow",
+    RunState.BUDGET_EXCEEDED: "bold yellow",
     RunState.REJECTED: "bold red",
 }
 LAST_LINES = 8
@@ -218,7 +219,11 @@ def run_task(repo: Path, text: str, agent_command: str | None, settings_path: Pa
 @click.option(
     "--task-file", type=click.File("r"), help="Read the task from a file ('-' for stdin)."
 )
-@click.option("--agent", "agent_command", help="Agent command (overrides .trimo/config.yml).")
+@click.option(
+    "--agent",
+    "agent_command",
+    help="Agent command, or a preset: claude-code, codex, aider (overrides .trimo/config.yml).",
+)
 @click.option(
     "--settings",
     "settings_path",

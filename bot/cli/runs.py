@@ -13,6 +13,7 @@ import click
 
 from bot.cli.common import open_app, settings_option
 from bot.errors import NoSuchRunError
+from bot.gateway.policy import usage_line
 from bot.states import RunState
 from bot.store import Run, Store
 
@@ -119,6 +120,7 @@ def show(run_id: int, as_json: bool, as_patch: bool, settings_path: Path | None)
         "tests": _tests_info(r),
         "failures": r.failures,
         "agent_summary": r.summary,
+        "model_usage": r.usage,
         "superseded_by": r.superseded_by,
         "created": r.created_at.isoformat(),
         "duration": _duration(r),
@@ -127,6 +129,7 @@ def show(run_id: int, as_json: bool, as_patch: bool, settings_path: Path | None)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    info["model_usage"] = usage_line(r.usage)
     for key, value in info.items():
         if value not in (None, [], ""):
             click.echo(f"{key + ':':<14}{value}")
@@ -178,6 +181,9 @@ def logs(run_id: int, follow: bool, settings_path: Path | None) -> None:
             stamp = f"{ev.created_at:%H:%M:%S}"
             if ev.kind == "log":
                 click.echo(f"{stamp}   {ev.message}")
+            elif ev.kind == "step":
+                # The agent's transcript: one readable line per step it took.
+                click.echo(f"{stamp} ● {ev.message}")
             elif ev.kind != "event" or (ev.data or {}).get("event") != "heartbeat":
                 click.echo(f"{stamp} ▸ {ev.kind}: {ev.message}")
         if not follow or app.store.get_run(run_id).finished:

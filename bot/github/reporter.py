@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from bot.gateway.policy import usage_line
 from bot.github.client import GitHubClient
 from bot.junit import TestReport
 from bot.network import blocked_markdown
@@ -52,6 +53,7 @@ OUTCOMES = {
     RunState.ERROR: ("💥", "stopped on an error"),
     RunState.CANCELLED: ("⏹️", "was cancelled"),
     RunState.TIMED_OUT: ("⌛", "timed out"),
+    RunState.BUDGET_EXCEEDED: ("💸", "spent its model budget"),
     RunState.REJECTED: ("🚫", "was not started"),
 }
 CONCLUSIONS = {
@@ -60,6 +62,8 @@ CONCLUSIONS = {
     RunState.ERROR: "failure",
     RunState.CANCELLED: "cancelled",
     RunState.TIMED_OUT: "timed_out",
+    # The agent stopped short of its task: the work so far is on the branch, unfinished.
+    RunState.BUDGET_EXCEEDED: "neutral",
     # Someone with write access has to approve or trigger it: that is GitHub's "action required".
     RunState.REJECTED: "action_required",
 }
@@ -101,6 +105,8 @@ class RunView:
     commits: list[tuple[str, str]] = field(default_factory=list)  # (sha, subject)
     # Hosts the egress proxy refused (bot.network.summarize): host, port, count, reason, fix.
     blocked: list[dict[str, Any]] = field(default_factory=list)
+    # Model usage metered by the run's gateway: input_tokens, output_tokens, usd, calls.
+    usage: dict[str, Any] | None = None
 
 
 class IdStore(Protocol):
@@ -172,6 +178,9 @@ def _comment(
         lines += [f"**Tests:** {_totals(view.tests)}", ""]
     elif view.tests_exit_code is not None:
         lines += [f"**Tests:** {NO_TEST_REPORT.format(code=view.tests_exit_code)}", ""]
+    usage = usage_line(view.usage)
+    if usage:
+        lines += [f"**Model usage:** {usage}", ""]
     if failures:
         lines.append("**Failing tests:**")
         lines += [f"- {_failure_line(f)}" for f in failures]
@@ -339,6 +348,9 @@ def _check_summary(view: RunView) -> str:
     links = _links(view)
     if links:
         lines += ["", links]
+    usage = usage_line(view.usage)
+    if usage:
+        lines += ["", f"**Model usage:** {usage}"]
     if view.summary:
         lines += ["", AGENT_SUMMARY, "", _clean(view.summary)]
     return "\n".join(lines)

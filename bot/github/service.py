@@ -523,6 +523,7 @@ class GitHubService:
             superseded_by=run.superseded_by,
             commits=[(c[0], c[1]) for c in (run.report or {}).get("commits", [])],
             blocked=list((run.report or {}).get("network_blocked", [])),
+            usage=run.usage,
         )
 
     def _check_sha(self, run: Run, pipeline: Pipeline) -> str | None:
