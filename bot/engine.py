@@ -24,7 +24,14 @@ import docker
 
 from bot import images
 from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image, host_addresses
-from bot.errors import ConfigError, ImageBuildError, PublishRefused, TrimoError, WorkspaceError
+from bot.errors import (
+    ConfigError,
+    ImageBuildError,
+    PublishRefused,
+    RunRefused,
+    TrimoError,
+    WorkspaceError,
+)
 from bot.junit import TestReport, parse_junit
 from bot.masking import Masker
 from bot.network import (
@@ -49,10 +56,11 @@ from bot.protocol import (
 )
 from bot.repoconfig import RepoConfig, parse_repo_config
 from bot.runtime import ContainerSpec, DockerRuntime, files_tar
-from bot.secretscan import SecretInResult, check_secret_value, refuse_secrets
+from bot.secrets import Secrets
+from bot.secretscan import SecretInResult, refuse_secrets
 from bot.states import RunMode, RunState
 from bot.store import Run, Store
-from bot.workspace import Checkout, Remote, Result, Workspace
+from bot.workspace import Checkout, PushDenied, Remote, Result, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +80,10 @@ SUMMARY_FILE = f"agent/{SUMMARY_NAME}"
 TESTS_DIR = "tests"
 SUMMARY_TOO_LARGE = "the agent's summary is larger than {limit} bytes: not shown"
 
-MISSING_SECRET = (
-    "the repository asks for secret {name} (agent.secrets in .trimo/config.yml), but the server "
-    "has no value for it: set TRIMO_SECRET_{name} (or {name}) in Trimo's environment"
-)
+NO_EDITS = "the pull request does not allow edits from maintainers"
+HEAD_MOVED = "new commits since approval ({approved} → {head}): /trimo approve again"
+# A patch up to this size is shown in the tracking comment; a bigger one only kept with the run.
+PATCH_SHOWN_MAX = 20_000
 PREBOOT_FAILED = "preboot failed (exit {code}); the agent did not start"
 AGENT_FAILED = "the agent exited with {code}"
 TESTS_FAILED = "tests failed"
@@ -100,6 +108,14 @@ class NullObserver:
         pass
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a run's commits go instead of the pipeline branch of the run's own remote."""
+
+    url: str
+    branch: str
+
+
 @dataclass
 class RunContext:
     """What a run is asked to do, beyond its row in the store."""
@@ -109,6 +125,21 @@ class RunContext:
     default_branch: str | None = None
     # Where a new pipeline branch starts instead of the default branch (a fork PR's head ref).
     start_ref: str | None = None
+    # The repository whose secret grants apply ("owner/name"); None: the pipeline's repository.
+    repo: str | None = None
+    # A fork's run: it starts at `start_ref` whatever the pipeline branch holds, gets only the
+    # secrets granted to forks, and its commits never go to a branch of the base repository.
+    fork: bool = False
+    # The commit a person approved: a `start_ref` at any other commit refuses the run.
+    approved_sha: str | None = None
+    # Set when the run must not start; it ends `rejected` with this reason.
+    refusal: str | None = None
+    # Where commits are pushed (a fork's head branch); None: the pipeline branch of `remote`.
+    push_to: PushTarget | None = None
+    # Nothing is pushed: the result is offered as a patch (also when a push is denied).
+    patch_only: bool = False
+    # A token for each push, renewed when near expiry; called with True after a 401.
+    token: Callable[[bool], str] | None = None
 
 
 @dataclass
@@ -129,7 +160,7 @@ class Engine:
         workspace: Workspace,
         runtime: DockerRuntime,
         owner: str,
-        secret_lookup: Callable[[str], str | None],
+        secrets: Secrets,
         default_timeout: int = 1800,
         git_author: tuple[str, str] = ("Trimo", "trimo@localhost"),
         heartbeat_seconds: int = 5,
@@ -140,7 +171,7 @@ class Engine:
         self.workspace = workspace
         self.runtime = runtime
         self.owner = owner
-        self.secret_lookup = secret_lookup
+        self.secrets = secrets
         self.default_timeout = default_timeout
         self.git_author = git_author
         self.heartbeat_seconds = heartbeat_seconds
@@ -162,8 +193,9 @@ class Engine:
         container_id: str | None = None
         network: list[RunNetwork] = []
         try:
-            checkout, config, image, spec = self._prepare(run, ctx, masker, obs, network)
-            secrets = self._secrets(config)
+            if ctx.refusal:
+                raise RunRefused(ctx.refusal)
+            checkout, config, image, spec, secrets = self._prepare(run, ctx, masker, obs, network)
             masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
             container_id = self._create(run, checkout, config, image, spec, secrets, network)
             outcome, out_dir = self._watch(run, container_id, config, masker, obs)
@@ -173,11 +205,13 @@ class Engine:
             handed_out = {**ctx.extra_secrets, **secrets}
             try:
                 outcome = self._finish(
-                    run, checkout, config, outcome, out_dir, masker, obs, handed_out
+                    run, checkout, config, outcome, out_dir, masker, obs, ctx, handed_out
                 )
             finally:
                 if out_dir is not None:
                     shutil.rmtree(out_dir, ignore_errors=True)
+        except RunRefused as exc:
+            outcome = _Outcome(RunState.REJECTED, str(exc))
         except ConfigError as exc:
             outcome = _Outcome(RunState.ERROR, f"invalid configuration: {exc}")
         except ImageBuildError as exc:
@@ -213,10 +247,14 @@ class Engine:
 
     def _prepare(
         self, run: Run, ctx: RunContext, masker: Masker, obs: Observer, network: list[RunNetwork]
-    ) -> tuple[Checkout, RepoConfig, str, ContainerSpec]:
+    ) -> tuple[Checkout, RepoConfig, str, ContainerSpec, dict[str, str]]:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         checkout = self.workspace.prepare(
-            ctx.remote, pipeline.branch, ctx.default_branch, start_ref=ctx.start_ref
+            ctx.remote,
+            pipeline.branch,
+            ctx.default_branch,
+            start_ref=ctx.start_ref,
+            follow_branch=not ctx.fork,
         )
         self.store.add_event(
             run.id,
@@ -224,6 +262,9 @@ class Engine:
             checkout.sync.describe(),
             {"cloned": checkout.sync.cloned, "refs": checkout.sync.refs_updated},
         )
+        if ctx.approved_sha and checkout.base != ctx.approved_sha:
+            moved = HEAD_MOVED.format(approved=ctx.approved_sha[:7], head=checkout.base[:7])
+            raise RunRefused(moved)
         self.store.update_run(run.id, base_sha=checkout.base)
         branch_note = "created" if checkout.new_branch else "reused"
         self.store.add_event(
@@ -236,6 +277,9 @@ class Engine:
         # or a pull request's head: a PR cannot change what runs with the run's secrets.
         raw = self.workspace.read_file(checkout, checkout.default_head, CONFIG_FILE)
         config = parse_repo_config(raw.decode("utf-8", "replace")) if raw else RepoConfig()
+        # Grants are checked before the image build and the run's network: a refused run
+        # starts no container.
+        secrets = self._secrets(run, config, ctx)
         policy = self._policy(run, config, obs)
         name = f"trimo-run-{run.id}-{int(time.time())}"
         spec = ContainerSpec(
@@ -267,7 +311,7 @@ class Engine:
         finally:
             base_ready.set()
         self.store.update_run(run.id, image_tag=image)
-        return checkout, config, image, dataclasses.replace(spec, image=image)
+        return checkout, config, image, dataclasses.replace(spec, image=image), secrets
 
     def _image(
         self,
@@ -315,15 +359,12 @@ class Engine:
             )
             return result.tag
 
-    def _secrets(self, config: RepoConfig) -> dict[str, str]:
-        values = {}
-        for name in config.secret_names():
-            value = self.secret_lookup(name)
-            if value is None:
-                raise TrimoError(MISSING_SECRET.format(name=name))
-            check_secret_value(name, value)
-            values[name] = value
-        return values
+    def _secrets(self, run: Run, config: RepoConfig, ctx: RunContext) -> dict[str, str]:
+        names = config.secret_names()
+        if not names:
+            return {}
+        repo = ctx.repo or self.store.get_pipeline(run.pipeline_id).repo
+        return self.secrets.resolve(names, repo, fork=ctx.fork)
 
     # -- the container ------------------------------------------------------------------------
 
@@ -513,6 +554,7 @@ class Engine:
         out_dir: Path | None,
         masker: Masker,
         obs: Observer,
+        ctx: RunContext,
         handed_out: dict[str, str],
     ) -> _Outcome:
         fields: dict[str, Any] = {}
@@ -543,7 +585,7 @@ class Engine:
         try:
             result = self.workspace.import_bundle(checkout, bundle, run_id=run.id)
             self._keep_result(run, checkout, result)
-            self._publish(run, checkout, config, result, handed_out)
+            self._publish(run, checkout, config, result, ctx, masker, handed_out)
         except SecretInResult as exc:
             hits = [hit.__dict__ for hit in exc.hits]
             self.store.add_event(
@@ -588,26 +630,91 @@ class Engine:
         checkout: Checkout,
         config: RepoConfig,
         result: Result,
+        ctx: RunContext,
+        masker: Masker,
         handed_out: dict[str, str],
     ) -> None:
         self.workspace.check_protected(result, config.protected_paths)
+        # Before any push or patch: nothing leaves carrying a value the run was given.
         refuse_secrets(handed_out, checkout.mirror, result.base, result.head, run.id)
-        self.workspace.publish(checkout, result)
+        if not result.commits and (ctx.patch_only or ctx.fork):
+            return
+        target = ctx.push_to or PushTarget(checkout.remote.url, checkout.branch)
+        denied = None
+        if not ctx.patch_only:
+            try:
+                self._push(checkout, result, target, ctx)
+            except PushDenied as exc:
+                if not ctx.fork:
+                    raise
+                denied = masker.mask(str(exc))
+        commits = [list(c) for c in result.commits]
+        if ctx.patch_only or denied is not None:
+            self._keep_patch(run, checkout, result, commits, denied)
+            return
         self.store.update_run(
             run.id,
             head_sha=result.head,
             commits=len(result.commits),
             report={
                 **(self.store.get_run(run.id).report or {}),
-                "commits": [list(c) for c in result.commits],
-                "branch": checkout.branch,
+                "commits": commits,
+                "branch": target.branch,
+                "pushed_to": target.url,
             },
         )
         self.store.add_event(
             run.id,
             "publish",
-            f"pushed {len(result.commits)} commit(s) to {checkout.branch} ({result.head[:12]})",
+            f"pushed {len(result.commits)} commit(s) to {target.branch} ({result.head[:12]})",
             {"pushed": True, "head": result.head, "commits": len(result.commits)},
+        )
+
+    def _push(
+        self, checkout: Checkout, result: Result, target: PushTarget, ctx: RunContext
+    ) -> None:
+        """Push with a token fresh enough for the push; after a 401, once more with a new one."""
+        for renew in (False, True):
+            token = ctx.token(renew) if ctx.token is not None else checkout.remote.token
+            try:
+                self.workspace.publish(
+                    checkout, result, Remote(target.url, token=token), branch=target.branch
+                )
+                return
+            except PushDenied as exc:
+                if renew or not exc.unauthorized or ctx.token is None:
+                    raise
+
+    def _keep_patch(
+        self,
+        run: Run,
+        checkout: Checkout,
+        result: Result,
+        commits: list[list[str]],
+        denied: str | None,
+    ) -> None:
+        """Nothing was pushed: the commits are kept with the run as a `git am`-able patch."""
+        patch = self.workspace.format_patch(checkout, result)
+        path = self.workspace.data_dir / "patches" / f"run-{run.id}.patch"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(patch)
+        why = f"the push was refused ({denied})" if denied else NO_EDITS
+        self.store.update_run(
+            run.id,
+            commits=len(result.commits),
+            report={
+                **(self.store.get_run(run.id).report or {}),
+                "commits": commits,
+                "patch_path": str(path),
+                "patch": patch if len(patch) <= PATCH_SHOWN_MAX else None,
+                "not_pushed": why,
+            },
+        )
+        self.store.add_event(
+            run.id,
+            "publish",
+            f"nothing pushed ({why}); {len(result.commits)} commit(s) kept as a patch: {path}",
+            {"pushed": False, "patch": str(path), "commits": len(result.commits)},
         )
 
 
