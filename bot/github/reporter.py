@@ -35,6 +35,8 @@ SUPERSEDED = "Superseded by run #{run_id}, which carries on the work of this one
 PUBLISH_REFUSED = "was not published"
 NO_TEST_REPORT = "no test report (the test command exited {code} without writing JUnit)"
 AGENT_SUMMARY = "**Summary from the agent** (its own words, not checked by Trimo):"
+NOT_PUSHED = "**Not pushed:** {why}. The commits are offered as a patch; apply it with `git am`."
+PATCH_KEPT = "The patch is kept with the run on the Trimo host: `{path}`."
 COMMANDS = (
     "<details><summary>Commands</summary>\n\n"
     "Comment a line starting with:\n\n"
@@ -101,6 +103,11 @@ class RunView:
     commits: list[tuple[str, str]] = field(default_factory=list)  # (sha, subject)
     # Hosts the egress proxy refused (bot.network.summarize): host, port, count, reason, fix.
     blocked: list[dict[str, Any]] = field(default_factory=list)
+    # Why the commits were not pushed (a fork's PR that allows no edits, a refused push), the
+    # `git am`-able patch when small enough to show, and where it is kept with the run.
+    not_pushed: str | None = None
+    patch: str | None = None
+    patch_path: str | None = None
 
 
 class IdStore(Protocol):
@@ -191,6 +198,23 @@ def _comment(
         if len(commits) < len(view.commits):
             lines.append(f"- … and {len(view.commits) - len(commits)} more")
         lines.append("")
+    if view.not_pushed:
+        lines += [NOT_PUSHED.format(why=_clean(view.not_pushed)), ""]
+        if view.patch and not shortened:
+            patch = view.patch.splitlines()
+            fence = "`" * max(3, _longest_backtick_run(patch) + 1)
+            lines += [
+                "<details><summary>Patch (<code>git am</code>)</summary>",
+                "",
+                fence + "diff",
+                *patch,
+                fence,
+                "",
+                "</details>",
+                "",
+            ]
+        elif view.patch_path:
+            lines += [PATCH_KEPT.format(path=view.patch_path), ""]
     if shortened:
         where = (
             f"[log]({view.log_url})"
