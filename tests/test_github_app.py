@@ -17,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,13 @@ from bot.intents import StatusIntent
 from bot.runtime import LABEL_RUN, DockerRuntime
 from bot.secrets import ServerSecrets
 from bot.settings import Settings
-from bot.states import PipelineKind, RunMode, RunState
+from bot.states import FINISHED, PipelineKind, RunMode, RunState
 from bot.store import Store
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
 from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database
 from tests.containers import git, make_repo
+from tests.git_http import GitHttp, serve_git
 from tests.github_fake import FakeGitHub
 
 pytestmark = pytest.mark.docker
@@ -94,6 +96,9 @@ class App:
     service: GitHubService
     docker: docker.DockerClient
     tmp: Path
+    git_http: GitHttp | None = None
+    # Seconds GitHub's clock (and the App's) runs ahead of the real one.
+    clock_offset: list[float] = field(default_factory=lambda: [0.0])
 
     def deliver(
         self, event: str, data: dict[str, Any], delivery: str | None = None
@@ -192,7 +197,8 @@ def app(
     backend: str,
 ) -> Iterator[App]:
     """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES, or with
-    a dict of options: `write_interval` (seconds between writes per installation)."""
+    a dict of options: `write_interval` (seconds between writes per installation), `git_http`
+    (git over HTTP with installation tokens checked, instead of plain paths)."""
     param = getattr(request, "param", None)
     options: dict[str, Any] = param if isinstance(param, dict) else {}
     api = param if isinstance(param, str) else "https://api.github.com"
@@ -201,10 +207,21 @@ def app(
     make_repo(work, {"README.md": "# sample\n", ".trimo/config.yml": CONFIG})
     remote.parent.mkdir(parents=True)
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(remote)], check=True)
+    clock_offset = [0.0]
+
+    def clock() -> float:
+        return time.time() + clock_offset[0]
+
     with (
         empty_database(backend, tmp_path / "data") as database_url,
-        FakeGitHub(api) as fake,
+        FakeGitHub(api, clock=clock) as fake,
+        ExitStack() as stack,
     ):
+        git_http = None
+        git_url = str(tmp_path / "remotes" / "{repo}.git")
+        if options.get("git_http"):
+            git_http = stack.enter_context(serve_git(tmp_path / "remotes", fake.token_valid))
+            git_url = git_http.url + "/{repo}.git"
         fake.add_repo(REPO)
         fake.set_permission(WRITER, "write")
         fake.set_permission(READER, "read")
@@ -216,7 +233,7 @@ def app(
             webhook_secrets=[SECRET],
             api_url=fake.base_url,
             web_url=fake.web_url,
-            git_url=str(tmp_path / "remotes" / "{repo}.git"),
+            git_url=git_url,
             workers=2,
         )
         store = Store(settings.database_url)
@@ -224,7 +241,7 @@ def app(
 
         server = make_server("127.0.0.1", 0, create_app(settings, store), threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        auth = AppAuth(settings.app_id or 0, fake.private_key, settings.api_url)
+        auth = AppAuth(settings.app_id or 0, fake.private_key, settings.api_url, clock=clock)
         service = GitHubService(
             settings,
             store,
@@ -264,6 +281,8 @@ def app(
                 service,
                 docker_client,
                 tmp_path,
+                git_http,
+                clock_offset,
             )
         finally:
             stop.set()
@@ -1120,3 +1139,43 @@ def test_a_flood_of_commands_on_one_installation_does_not_delay_anothers_reports
     assert time.monotonic() - finished < 2.0
     assert answered() < 200  # the flood was still being answered all along
     app.wait_for(lambda: answered() == 200, timeout=60)
+
+
+# ---- fresh tokens ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("app", [{"git_http": True}], indirect=True)
+def test_a_run_outliving_its_first_token_pushes_with_a_renewed_one(app: App) -> None:
+    assert app.git_http is not None
+    _set_config(app, CONFIG.replace("sleep 300", "sleep 3"))
+    issue = _label(app, "Takes a while", body="Work SLOWLY.")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    app.wait_for(lambda: app.store.get_run(run_id).state in (RunState.AGENT, *FINISHED), 60)
+    assert app.store.get_run(run_id).state == RunState.AGENT, app.store.get_run(run_id).reason
+    first = set(app.fake.tokens)
+    # An hour and more passes on GitHub's clock: every token the run started with is dead.
+    app.clock_offset[0] += 3700
+    assert first and not any(app.fake.token_valid(t) for t in first)
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED, app.store.get_run(run_id).reason
+    branch = app.store.get_pipeline(app.store.get_run(run_id).pipeline_id).branch
+    assert git(app.remote, "log", "-1", "--format=%s", branch) == "Fix the bug"
+    [(token, status)] = app.git_http.pushes
+    assert status == 200 and token not in first and app.fake.token_valid(token)
+    # The reports after the jump went out with renewed tokens too (the fake refuses dead ones).
+    assert "succeeded" in app.tracking(run_id)
+    assert app.comments(issue["number"], "trimo:run=")
+
+
+@pytest.mark.parametrize("app", [{"git_http": True}], indirect=True)
+def test_a_401_on_push_is_retried_once_with_a_new_token(app: App) -> None:
+    assert app.git_http is not None
+    app.git_http.refuse_pushes = 1
+    _label(app, "Refused once")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED, app.store.get_run(run_id).reason
+    (refused, first_status), (renewed, second_status) = app.git_http.pushes
+    assert (first_status, second_status) == (401, 200)
+    assert refused != renewed
+    assert len(app.store.get_run(run_id).report["commits"]) == 1  # type: ignore[index]

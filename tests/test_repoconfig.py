@@ -237,7 +237,7 @@ def test_a_preset_supplies_the_command_and_its_secrets() -> None:
         (
             "protected_paths: .github",
             "protected_paths: expected a list of gitignore-style globs, "
-            "like .github/workflows/**, got '.github'",
+            "like .github/**, got '.github'",
         ),
         (
             "protected_paths: ['']",
