@@ -12,7 +12,7 @@ refuses the push) they are offered as a patch.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.engine import HEAD_MOVED, PushTarget
 from bot.github.client import GitHubClient, GitHubError
@@ -66,10 +66,10 @@ class ForkGate:
         if run.head_sha and run.commits and report.get("pushed_to"):
             self.service.store.update_pipeline(pipeline.id, approved_sha=run.head_sha)
 
-    def bind(self, pipeline: Pipeline, client: GitHubClient) -> dict[str, object]:
+    def bind(self, pipeline: Pipeline, client: GitHubClient) -> dict[str, Any]:
         """The RunContext fields of a fork's run, read from the pull request as it is now."""
         number = pipeline.number or 0
-        fields: dict[str, object] = {
+        fields: dict[str, Any] = {
             "fork": True,
             "start_ref": f"refs/pull/{number}/head",
             "approved_sha": pipeline.approved_sha,

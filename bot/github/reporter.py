@@ -227,8 +227,13 @@ def _comment(
 
 
 def _outcome(view: RunView) -> tuple[str, str]:
-    if view.state == RunState.REJECTED and view.started_at is not None:
-        # It ran, and Trimo refused what it made (a secret's value in its commits).
+    started = view.started_at is not None and view.phase not in (
+        RunState.QUEUED,
+        RunState.PREPARING,
+    )
+    if view.state == RunState.REJECTED and started:
+        # It ran, and Trimo refused what it made (a secret's value in its commits); refused
+        # while preparing (a secret not granted, a fork's head moved), it never started.
         return OUTCOMES[view.state][0], PUBLISH_REFUSED
     return OUTCOMES[view.state]
 

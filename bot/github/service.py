@@ -12,6 +12,7 @@ installation and repository, installation handling) and hands each intent to its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any
@@ -151,10 +152,8 @@ class GitHubService:
             token=token,
         )
         if is_fork(pipeline):
-            for name, value in self.forks.bind(
-                pipeline, self.client(installation_id, pipeline.repo)
-            ).items():
-                setattr(context, name, value)
+            client = self.client(installation_id, pipeline.repo)
+            context = dataclasses.replace(context, **self.forks.bind(pipeline, client))
         return context
 
     def view(self, run: Run) -> RunView:
