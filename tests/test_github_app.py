@@ -292,9 +292,7 @@ def app(
             for t in threads:
                 t.join(timeout=10)
             # Lanes still answering would reach for GitHub once the fake is gone.
-            deadline = time.monotonic() + 60
-            while not service.deliveries.idle() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            service.deliveries.wait_idle(60)
             server.shutdown()
             store.close()
             for c in docker_client.containers.list(

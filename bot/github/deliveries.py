@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,15 @@ class DeliveryLanes:
         with self._lock:
             lanes = list(self._lanes.values())
         return not any(lane.busy() for lane in lanes)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every delivery handed out was processed; False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def process(self, delivery: Delivery) -> None:
         """Act on one delivery's intents, then mark it processed (with the error, if any)."""
