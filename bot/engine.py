@@ -27,7 +27,14 @@ from bot import images
 from bot.agents import PRESETS, Preset, Step
 from bot.agents.layer import build_agent_layer
 from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image, host_addresses
-from bot.errors import ConfigError, ImageBuildError, PublishRefused, TrimoError, WorkspaceError
+from bot.errors import (
+    ConfigError,
+    ImageBuildError,
+    PublishRefused,
+    RunRefused,
+    TrimoError,
+    WorkspaceError,
+)
 from bot.gateway.network import run_network
 from bot.gateway.policy import ModelPolicy
 from bot.gateway.sidecar import Gateway, GatewaySpec, start_gateway
@@ -55,10 +62,11 @@ from bot.protocol import (
 )
 from bot.repoconfig import AGENT_ADAPTER, RepoConfig, parse_repo_config
 from bot.runtime import ContainerSpec, DockerRuntime, files_tar
-from bot.secretscan import SecretInResult, check_secret_value, refuse_secrets
+from bot.secrets import MissingSecretError, Secrets
+from bot.secretscan import SecretInResult, refuse_secrets
 from bot.states import RunMode, RunState
 from bot.store import Run, Store
-from bot.workspace import Checkout, Remote, Result, Workspace
+from bot.workspace import Checkout, PushDenied, Remote, Result, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +86,10 @@ SUMMARY_FILE = f"agent/{SUMMARY_NAME}"
 TESTS_DIR = "tests"
 SUMMARY_TOO_LARGE = "the agent's summary is larger than {limit} bytes: not shown"
 
-MISSING_SECRET = (
-    "the repository asks for secret {name} (agent.secrets in .trimo/config.yml), but the server "
-    "has no value for it: set TRIMO_SECRET_{name} (or {name}) in Trimo's environment"
-)
+NO_EDITS = "the pull request does not allow edits from maintainers"
+HEAD_MOVED = "new commits since approval ({approved} → {head}): /trimo approve again"
+# A patch up to this size is shown in the tracking comment; a bigger one only kept with the run.
+PATCH_SHOWN_MAX = 20_000
 PREBOOT_FAILED = "preboot failed (exit {code}); the agent did not start"
 AGENT_FAILED = "the agent exited with {code}"
 TESTS_FAILED = "tests failed"
@@ -98,7 +106,8 @@ DAILY_CAP_SPENT = (
 )
 MISSING_MODEL_KEY = (
     "agent preset {preset} calls the {provider} API, but the server has no {name} for it: set "
-    "TRIMO_SECRET_{name} (or {name}) in Trimo's environment; the key stays in the model gateway"
+    "TRIMO_SECRET_{name} in Trimo's environment, or a value in [secrets.{name}] of its settings; "
+    "the key stays in the model gateway"
 )
 
 
@@ -117,6 +126,14 @@ class NullObserver:
         pass
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a run's commits go instead of the pipeline branch of the run's own remote."""
+
+    url: str
+    branch: str
+
+
 @dataclass
 class RunContext:
     """What a run is asked to do, beyond its row in the store."""
@@ -126,6 +143,21 @@ class RunContext:
     default_branch: str | None = None
     # Where a new pipeline branch starts instead of the default branch (a fork PR's head ref).
     start_ref: str | None = None
+    # The repository whose secret grants apply ("owner/name"); None: the pipeline's repository.
+    repo: str | None = None
+    # A fork's run: it starts at `start_ref` whatever the pipeline branch holds, gets only the
+    # secrets granted to forks, and its commits never go to a branch of the base repository.
+    fork: bool = False
+    # The commit a person approved: a `start_ref` at any other commit refuses the run.
+    approved_sha: str | None = None
+    # Set when the run must not start; it ends `rejected` with this reason.
+    refusal: str | None = None
+    # Where commits are pushed (a fork's head branch); None: the pipeline branch of `remote`.
+    push_to: PushTarget | None = None
+    # Nothing is pushed: the result is offered as a patch (also when a push is denied).
+    patch_only: bool = False
+    # A token for each push, renewed when near expiry; called with True after a 401.
+    token: Callable[[bool], str] | None = None
 
 
 class _Control:
@@ -173,7 +205,7 @@ class Engine:
         workspace: Workspace,
         runtime: DockerRuntime,
         owner: str,
-        secret_lookup: Callable[[str], str | None],
+        secrets: Secrets,
         default_timeout: int = 1800,
         git_author: tuple[str, str] = ("Trimo", "trimo@localhost"),
         heartbeat_seconds: int = 5,
@@ -185,7 +217,7 @@ class Engine:
         self.workspace = workspace
         self.runtime = runtime
         self.owner = owner
-        self.secret_lookup = secret_lookup
+        self.secrets = secrets
         self.default_timeout = default_timeout
         self.git_author = git_author
         self.heartbeat_seconds = heartbeat_seconds
@@ -211,19 +243,17 @@ class Engine:
         gateway_network: str | None = None
         control = _Control(self, run.id)
         try:
-            checkout, config, image, spec = self._prepare(run, ctx, masker, obs, network)
-            secrets = self._secrets(config)
-            masker = Masker([*ctx.extra_secrets.values(), *secrets.values()])
+            if ctx.refusal:
+                raise RunRefused(ctx.refusal)
+            checkout, config, image, spec, secrets, model_keys = self._prepare(
+                run, ctx, masker, obs, network
+            )
+            masker = Masker([*ctx.extra_secrets.values(), *secrets.values(), *model_keys.values()])
             agent = self._preset(run, config)
             agent_env: dict[str, str] = {}
-            model_keys: dict[str, str] = {}
             if agent is not None:
                 image = self._agent_layer(run, image, agent, masker, obs)
                 spec = dataclasses.replace(spec, image=image)
-                model_keys = self._model_keys(agent)
-                masker = Masker(
-                    [*ctx.extra_secrets.values(), *secrets.values(), *model_keys.values()]
-                )
                 if network:
                     # The gateway joins the run's network beside its proxy, once both are up.
                     network[0].ready()
@@ -255,11 +285,13 @@ class Engine:
                 handed_out["TRIMO_MODEL_TOKEN"] = gateway.token
             try:
                 outcome = self._finish(
-                    run, checkout, config, outcome, out_dir, masker, obs, handed_out
+                    run, checkout, config, outcome, out_dir, masker, obs, ctx, handed_out
                 )
             finally:
                 if out_dir is not None:
                     shutil.rmtree(out_dir, ignore_errors=True)
+        except RunRefused as exc:
+            outcome = _Outcome(RunState.REJECTED, str(exc))
         except ConfigError as exc:
             outcome = _Outcome(RunState.ERROR, f"invalid configuration: {exc}")
         except BudgetSpent as exc:
@@ -301,10 +333,14 @@ class Engine:
 
     def _prepare(
         self, run: Run, ctx: RunContext, masker: Masker, obs: Observer, network: list[RunNetwork]
-    ) -> tuple[Checkout, RepoConfig, str, ContainerSpec]:
+    ) -> tuple[Checkout, RepoConfig, str, ContainerSpec, dict[str, str], dict[str, str]]:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         checkout = self.workspace.prepare(
-            ctx.remote, pipeline.branch, ctx.default_branch, start_ref=ctx.start_ref
+            ctx.remote,
+            pipeline.branch,
+            ctx.default_branch,
+            start_ref=ctx.start_ref,
+            follow_branch=not ctx.fork,
         )
         self.store.add_event(
             run.id,
@@ -312,6 +348,9 @@ class Engine:
             checkout.sync.describe(),
             {"cloned": checkout.sync.cloned, "refs": checkout.sync.refs_updated},
         )
+        if ctx.approved_sha and checkout.base != ctx.approved_sha:
+            moved = HEAD_MOVED.format(approved=ctx.approved_sha[:7], head=checkout.base[:7])
+            raise RunRefused(moved)
         self.store.update_run(run.id, base_sha=checkout.base)
         branch_note = "created" if checkout.new_branch else "reused"
         self.store.add_event(
@@ -324,6 +363,11 @@ class Engine:
         # or a pull request's head: a PR cannot change what runs with the run's secrets.
         raw = self.workspace.read_file(checkout, checkout.default_head, CONFIG_FILE)
         config = parse_repo_config(raw.decode("utf-8", "replace")) if raw else RepoConfig()
+        # Grants are checked before the image build and the run's network: a refused run
+        # starts no container.
+        secrets = self._secrets(run, config, ctx)
+        preset = self._preset(run, config)
+        model_keys = self._model_keys(run, preset, ctx) if preset is not None else {}
         policy = self._policy(run, config, obs)
         name = f"trimo-run-{run.id}-{int(time.time())}"
         spec = ContainerSpec(
@@ -355,7 +399,8 @@ class Engine:
         finally:
             base_ready.set()
         self.store.update_run(run.id, image_tag=image)
-        return checkout, config, image, dataclasses.replace(spec, image=image)
+        spec = dataclasses.replace(spec, image=image)
+        return checkout, config, image, spec, secrets, model_keys
 
     def _image(
         self,
@@ -403,15 +448,12 @@ class Engine:
             )
             return result.tag
 
-    def _secrets(self, config: RepoConfig) -> dict[str, str]:
-        values = {}
-        for name in config.secret_names():
-            value = self.secret_lookup(name)
-            if value is None:
-                raise TrimoError(MISSING_SECRET.format(name=name))
-            check_secret_value(name, value)
-            values[name] = value
-        return values
+    def _secrets(self, run: Run, config: RepoConfig, ctx: RunContext) -> dict[str, str]:
+        names = config.secret_names()
+        if not names:
+            return {}
+        repo = ctx.repo or self.store.get_pipeline(run.pipeline_id).repo
+        return self.secrets.resolve(names, repo, fork=ctx.fork)
 
     # -- the agent preset: its layer and its model gateway -------------------------------------
 
@@ -443,17 +485,19 @@ class Engine:
         self.store.update_run(run.id, image_tag=result.tag)
         return result.tag
 
-    def _model_keys(self, agent: Preset) -> dict[str, str]:
-        """The provider key the preset's calls need, from the server's secrets (one lookup)."""
+    def _model_keys(self, run: Run, agent: Preset, ctx: RunContext) -> dict[str, str]:
+        """The provider key the preset's calls need: a server secret granted to the repository
+        like any other, handed to the gateway only."""
         provider = next(p for p in self.models.providers() if p.name == agent.provider)
-        value = self.secret_lookup(provider.secret)
-        if value is None:
+        repo = ctx.repo or self.store.get_pipeline(run.pipeline_id).repo
+        try:
+            return self.secrets.resolve([provider.secret], repo, fork=ctx.fork)
+        except MissingSecretError:
             raise TrimoError(
                 MISSING_MODEL_KEY.format(
                     preset=agent.name, provider=provider.name, name=provider.secret
                 )
-            )
-        return {provider.secret: value}
+            ) from None
 
     def _gateway(
         self,
@@ -728,6 +772,7 @@ class Engine:
         out_dir: Path | None,
         masker: Masker,
         obs: Observer,
+        ctx: RunContext,
         handed_out: dict[str, str],
     ) -> _Outcome:
         fields: dict[str, Any] = {}
@@ -757,7 +802,7 @@ class Engine:
         try:
             result = self.workspace.import_bundle(checkout, bundle, run_id=run.id)
             self._keep_result(run, checkout, result)
-            self._publish(run, checkout, config, result, handed_out)
+            self._publish(run, checkout, config, result, ctx, masker, handed_out)
         except SecretInResult as exc:
             hits = [hit.__dict__ for hit in exc.hits]
             self.store.add_event(
@@ -798,20 +843,80 @@ class Engine:
         checkout: Checkout,
         config: RepoConfig,
         result: Result,
+        ctx: RunContext,
+        masker: Masker,
         handed_out: dict[str, str],
     ) -> None:
         self.workspace.check_protected(result, config.protected_paths)
+        # Before any push or patch: nothing leaves carrying a value the run was given.
         refuse_secrets(handed_out, checkout.mirror, result.base, result.head, run.id)
-        self.workspace.publish(checkout, result)
+        if not result.commits and (ctx.patch_only or ctx.fork):
+            return
+        target = ctx.push_to or PushTarget(checkout.remote.url, checkout.branch)
+        denied = None
+        if not ctx.patch_only:
+            try:
+                self._push(checkout, result, target, ctx)
+            except PushDenied as exc:
+                if not ctx.fork:
+                    raise
+                denied = masker.mask(str(exc))
+        commits = [list(c) for c in result.commits]
+        if ctx.patch_only or denied is not None:
+            self._keep_patch(run, checkout, result, commits, denied)
+            return
         self.store.update_run(run.id, head_sha=result.head, commits=len(result.commits))
+        # Merged, not rewritten: the gateway's usage lands in the same report meanwhile.
+        self.store.merge_report(run.id, commits=commits, branch=target.branch, pushed_to=target.url)
+        self.store.add_event(
+            run.id,
+            "publish",
+            f"pushed {len(result.commits)} commit(s) to {target.branch} ({result.head[:12]})",
+            {"pushed": True, "head": result.head, "commits": len(result.commits)},
+        )
+
+    def _push(
+        self, checkout: Checkout, result: Result, target: PushTarget, ctx: RunContext
+    ) -> None:
+        """Push with a token fresh enough for the push; after a 401, once more with a new one."""
+        for renew in (False, True):
+            token = ctx.token(renew) if ctx.token is not None else checkout.remote.token
+            try:
+                self.workspace.publish(
+                    checkout, result, Remote(target.url, token=token), branch=target.branch
+                )
+                return
+            except PushDenied as exc:
+                if renew or not exc.unauthorized or ctx.token is None:
+                    raise
+
+    def _keep_patch(
+        self,
+        run: Run,
+        checkout: Checkout,
+        result: Result,
+        commits: list[list[str]],
+        denied: str | None,
+    ) -> None:
+        """Nothing was pushed: the commits are kept with the run as a `git am`-able patch."""
+        patch = self.workspace.format_patch(checkout, result)
+        path = self.workspace.data_dir / "patches" / f"run-{run.id}.patch"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(patch)
+        why = f"the push was refused ({denied})" if denied else NO_EDITS
+        self.store.update_run(run.id, commits=len(result.commits))
         self.store.merge_report(
-            run.id, commits=[list(c) for c in result.commits], branch=checkout.branch
+            run.id,
+            commits=commits,
+            patch_path=str(path),
+            patch=patch if len(patch) <= PATCH_SHOWN_MAX else None,
+            not_pushed=why,
         )
         self.store.add_event(
             run.id,
             "publish",
-            f"pushed {len(result.commits)} commit(s) to {checkout.branch} ({result.head[:12]})",
-            {"pushed": True, "head": result.head, "commits": len(result.commits)},
+            f"nothing pushed ({why}); {len(result.commits)} commit(s) kept as a patch: {path}",
+            {"pushed": False, "patch": str(path), "commits": len(result.commits)},
         )
 
 

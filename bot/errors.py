@@ -43,3 +43,8 @@ class PublishRefused(TrimoError):
 
 class NoSuchRunError(TrimoError):
     """No run with that id."""
+
+
+class RunRefused(TrimoError):
+    """The run may not start as asked (a secret not granted, a fork's head moved since approval);
+    it ends `rejected` before any container exists, with this message as its reason."""

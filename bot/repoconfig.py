@@ -30,7 +30,9 @@ MIN_TIMEOUT_SECONDS = 10
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MIN_MEMORY_BYTES = 6 * 1024**2  # Docker refuses less.
 MIN_PIDS = 64
-DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
+# Workflows, actions, CODEOWNERS and dependabot run or decide with the repository's rights; the
+# repository's own Trimo configuration decides what runs with the run's secrets.
+DEFAULT_PROTECTED_PATHS = (".github/**", ".trimo/**")
 
 # Named agents a repository can pick with `agent.preset`: the real CLI on top of the repository's
 # image (bot/agents, images/agents/<preset>/), run headless on the task file by the adapter its
@@ -76,7 +78,7 @@ EXPECTED: dict[str, str] = {
     "network.presets[]": "one of " + ", ".join(PRESETS),
     "network.allow": "a list of host names",
     "network.allow[]": HOST_EXPECTED,
-    "protected_paths": "a list of gitignore-style globs, like .github/workflows/**",
+    "protected_paths": "a list of gitignore-style globs, like .github/**",
     "protected_paths[]": "a gitignore-style glob (a string)",
     "trigger_label": "a label name (a string)",
 }

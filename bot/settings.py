@@ -8,7 +8,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -83,6 +91,28 @@ def _split_secrets(value: object) -> object:
     return value
 
 
+class SecretSetting(BaseModel):
+    """One secret of the server: who may have it and, optionally, its value.
+
+    `repos` are fnmatch-style patterns of "owner/name" (``acme/*``); none means no repository.
+    Without `value` here, the value is TRIMO_SECRET_<NAME> or the file <secrets_dir>/<NAME>.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: SecretStr | None = None
+    repos: list[str] = Field(default_factory=list)
+    forks: bool = False  # whether runs of pull requests from forks may have it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_value(cls, data: object) -> object:
+        # `NAME = "value"` in [secrets] is a value granted to no repository yet.
+        if isinstance(data, str | SecretStr):
+            return {"value": data}
+        return data
+
+
 class _WebhookSecretEnv(PydanticBaseSettingsSource):
     """Reads the singular TRIMO_WEBHOOK_SECRET, the spelling GitHub's docs make people expect."""
 
@@ -105,7 +135,9 @@ class Settings(BaseSettings):
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     workers: int = Field(2, ge=1, le=64)
     default_timeout: int = DEFAULT_TIMEOUT_SECONDS
-    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    secrets: dict[str, SecretSetting] = Field(default_factory=dict)
+    # A directory with one file per secret, named like the secret (Docker and Kubernetes secrets).
+    secrets_dir: Path | None = None
     # A PEM file of CA certificates added to trimo/base (and so to every image): for networks
     # whose proxy presents its own CA to package registries.
     extra_ca_certs: Path | None = None
@@ -239,20 +271,20 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
     def configured_secrets(self) -> dict[str, str]:
-        """The secrets named in the settings and in TRIMO_SECRET_* variables, by name."""
+        """The secret values set in the settings and in TRIMO_SECRET_* variables, by name."""
         found = {
             key.removeprefix(SECRET_ENV_PREFIX): value
             for key, value in os.environ.items()
             if key.startswith(SECRET_ENV_PREFIX) and value
         }
-        found.update({name: value.get_secret_value() for name, value in self.secrets.items()})
+        found.update(
+            {
+                name: setting.value.get_secret_value()
+                for name, setting in self.secrets.items()
+                if setting.value is not None
+            }
+        )
         return found
-
-    def secret_value(self, name: str) -> str | None:
-        """A secret a repository asks for: `secrets`, then env TRIMO_SECRET_<NAME>, then <NAME>."""
-        if name in self.secrets:
-            return self.secrets[name].get_secret_value()
-        return os.environ.get(SECRET_ENV_PREFIX + name) or os.environ.get(name) or None
 
     def model_policy(self) -> ModelPolicy:
         """What the model gateway of each run is told: providers, prices, the daily cap."""

@@ -221,6 +221,17 @@ class PostedRecord(Base):
     github_id: Mapped[int] = mapped_column(BigInteger)
 
 
+class RefusalRecord(Base):
+    """When a sender was last told, on one pipeline, that they may not command Trimo."""
+
+    __tablename__ = "refusals"
+
+    repo: Mapped[str] = mapped_column(String(200), primary_key=True)
+    pipeline_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(100), primary_key=True)
+    refused_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """One branch: an issue's, a pull request's, or a local repository's."""
@@ -973,6 +984,25 @@ class Store:
                 )
             ).scalar()
             return int(everything) if everything is not None else None
+
+    # -- refusals -------------------------------------------------------------------------------
+
+    def take_refusal(self, repo: str, pipeline_key: str, sender: str, every: timedelta) -> bool:
+        """Whether `sender` may be told of a refusal on the pipeline now (at most once `every`);
+        when True, the refusal is recorded as told, so a restart does not tell it again."""
+        now = utcnow()
+        stmt = (
+            self._insert(RefusalRecord)
+            .values(repo=repo, pipeline_key=pipeline_key, sender=sender, refused_at=now)
+            .on_conflict_do_update(
+                index_elements=["repo", "pipeline_key", "sender"],
+                set_={"refused_at": now},
+                where=RefusalRecord.refused_at < now - every,
+            )
+        )
+        with self._write() as s:
+            result = s.execute(stmt)
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     # -- posted GitHub objects ------------------------------------------------------------------
 

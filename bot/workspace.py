@@ -14,7 +14,11 @@ plain checkout with no remote and no credentials, and hands its commits back as 
     ws.extract_dir(co, co.default_head, ".trimo", dest)                # -> list[Path]
     res = ws.import_bundle(co, bundle_path, run_id=5)                  # -> Result
     ws.check_protected(res, [".github/workflows/**"])
-    ws.publish(co, res)                           # fast-forward push; Remote may carry a new token
+    ws.publish(co, res, Remote(url, fresh_token), branch="feature")  # fast-forward push
+    ws.format_patch(co, res)                      # `git am`-able text when nothing is pushed
+
+Results leave the mirror only through `publish` (every push, to the base repository or a fork)
+and `format_patch` (every patch).
 
 Tokens reach git only through ``GIT_CONFIG_*`` environment variables (an ``http.extraHeader``),
 never a URL, a config file or a log line; any git error text is masked before it is raised.
@@ -85,9 +89,23 @@ NOT_FAST_FORWARD = (
     "{head} is not a fast-forward and was not pushed, so nobody's commits were overwritten. "
     "Retry the run to build on the new tip"
 )
+PUSH_DENIED = "{url} refused the push to {branch!r}: {detail}"
 UNSAFE_SYMLINK = "{path} in {ref} is a symlink to {target!r}, outside {subdir}; refusing to extract"
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UNAUTHORIZED = ("error: 401", "Authentication failed", "could not read Username")
+_FORBIDDEN = ("error: 403", "Permission to", "denied to", "[remote rejected]")
+
+
+class PushDenied(WorkspaceError):
+    """The remote refused the push itself (credentials, permission, a hook), not its content.
+
+    `unauthorized`: the credentials were refused (HTTP 401), so a new token may succeed.
+    """
+
+    def __init__(self, message: str, *, unauthorized: bool) -> None:
+        self.unauthorized = unauthorized
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -162,8 +180,13 @@ class Workspace:
         branch: str,
         default_branch: str | None = None,
         start_ref: str | None = None,
+        *,
+        follow_branch: bool = True,
     ) -> Checkout:
         """Bring the mirror up to date and find the base of `branch`.
+
+        With ``follow_branch=False`` (a fork's run) the base is `start_ref` whatever the
+        remote's `branch` holds.
 
         When the branch exists on the remote the run builds on its tip; otherwise it starts from
         `start_ref` (a ref of the remote such as a fork pull request's ``refs/pull/7/head``,
@@ -192,7 +215,7 @@ class Workspace:
                     DEFAULT_BRANCH_MISSING.format(branch=default_branch, url=remote.url)
                 )
             git.run(["symbolic-ref", "HEAD", f"refs/heads/{default_branch}"], cwd=mirror)
-            branch_head = _commit(mirror, f"refs/heads/{branch}")
+            branch_head = _commit(mirror, f"refs/heads/{branch}") if follow_branch else None
             start = default_head
             if branch_head is None and start_ref is not None:
                 start = self._fetch_start(git, mirror, start_ref)
@@ -415,17 +438,27 @@ class Workspace:
                 PROTECTED_PATHS.format(run_id=result.run_id, paths=", ".join(hits))
             )
 
-    def publish(self, checkout: Checkout, result: Result, remote: Remote | None = None) -> None:
-        """Push the result's head to the pipeline branch, as a fast-forward only.
+    def publish(
+        self,
+        checkout: Checkout,
+        result: Result,
+        remote: Remote | None = None,
+        *,
+        branch: str | None = None,
+    ) -> None:
+        """Push the result's head to `branch` (default: the pipeline branch), fast-forward only.
 
-        `remote` defaults to the checkout's; pass one to use a fresh token. A branch that moved
-        since base raises PublishRefused and the remote keeps its commits.
+        `remote` defaults to the checkout's; pass one for a fresh token or another repository (a
+        fork's head branch). A branch that moved since base raises PublishRefused and the remote
+        keeps its commits; a remote refusing the push itself raises PushDenied.
         """
         remote = remote or checkout.remote
         _refuse_credentials_in_url(remote)
         git = _Git(remote)
         mirror = checkout.mirror
-        target = f"refs/heads/{checkout.branch}"
+        branch = branch or checkout.branch
+        target = f"refs/heads/{branch}"
+        same_remote = remote.url == checkout.remote.url
         with self._lock(mirror, exclusive=True):
             # A plain push (no force) is refused by the remote unless it is a fast-forward.
             report = git.run(
@@ -440,16 +473,34 @@ class Workspace:
                 if any("\t[rejected]" in line for line in refused):
                     raise PublishRefused(
                         NOT_FAST_FORWARD.format(
-                            branch=checkout.branch,
+                            branch=branch,
                             url=remote.url,
                             base=checkout.base,
                             head=result.head,
                         )
                     )
-                git.last_stderr = "; ".join([*refused, git.last_stderr])
+                detail = "; ".join([*refused, git.last_stderr])
+                unauthorized = any(mark in detail for mark in _UNAUTHORIZED)
+                if unauthorized or any(mark in detail for mark in _FORBIDDEN):
+                    raise PushDenied(
+                        git.mask(PUSH_DENIED.format(url=remote.url, branch=branch, detail=detail)),
+                        unauthorized=unauthorized,
+                    )
+                git.last_stderr = detail
                 git.fail(["push"])
-            git.run(["update-ref", target, result.head], cwd=mirror)
+            if same_remote:
+                git.run(["update-ref", target, result.head], cwd=mirror)
             git.run(["update-ref", "-d", result.ref], cwd=mirror)
+
+    def format_patch(self, checkout: Checkout, result: Result) -> str:
+        """The result's commits as one `git am`-able mbox (``git format-patch base..head``)."""
+        git = _Git(checkout.remote)
+        with self._lock(checkout.mirror, exclusive=False):
+            out = git.run(
+                ["format-patch", "--stdout", "--no-signature", f"{result.base}..{result.head}"],
+                cwd=checkout.mirror,
+            )
+        return out.decode(errors="replace")
 
     # -- locking -------------------------------------------------------------------------------
 

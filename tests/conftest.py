@@ -48,6 +48,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
     client = docker.from_env(timeout=600)
     client.ping()
     before = {img.id for img in client.images.list(all=True)}
+    networks_before = {n.id for n in client.networks.list(filters={"label": "trimo.managed=1"})}
     yield client
     # Images that runs built during the session (project images of test repositories) go too;
     # the base image stays, as the engine had it or as the session made it.
@@ -60,6 +61,12 @@ def docker_client() -> Iterator[docker.DockerClient]:
     # Whatever a test left behind under the test owner label goes now.
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={TEST_OWNER}"}):
         c.remove(force=True, v=True)
+    # Networks the session's runs made (the engine's egress network included) go as well, once
+    # nothing is attached to them; a network the engine had before the session stays.
+    for net in client.networks.list(filters={"label": "trimo.managed=1"}):
+        if net.id not in networks_before:
+            with contextlib.suppress(docker.errors.APIError):
+                net.remove()
     client.close()
 
 

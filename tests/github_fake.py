@@ -146,6 +146,7 @@ class FakeGitHub:
         check_auth: bool = True,
         app_id: int = APP_ID,
         clock: Callable[[], float] = time.time,
+        token_lifetime: float = 3600.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
@@ -161,6 +162,8 @@ class FakeGitHub:
         self.private_key = app_private_key()
         self._public_key = _public_key(self.private_key)
         self.clock = clock
+        # GitHub's installation tokens last an hour; a test of renewal hands out shorter ones.
+        self.token_lifetime = token_lifetime
 
         self.requests: list[RecordedRequest] = []
         self.violations: list[str] = []
@@ -288,10 +291,12 @@ class FakeGitHub:
         body: str = "",
         user: str = "octocat",
         draft: bool = False,
+        maintainer_can_modify: bool = False,
     ) -> Json:
-        """An open pull request; `head_repo` other than `full_name` makes it a fork's."""
+        """An open pull request; `head_repo` other than `full_name` makes it a fork's, and
+        `maintainer_can_modify` says whether its author allows edits from maintainers."""
         with self._lock:
-            return self._new_pull(
+            pull = self._new_pull(
                 full_name,
                 head,
                 base,
@@ -302,6 +307,8 @@ class FakeGitHub:
                 user=self._user(user),
                 draft=draft,
             )
+            pull["maintainer_can_modify"] = maintainer_can_modify
+            return pull
 
     def add_review_comment(
         self, full_name: str, number: int, body: str, *, user: str = "octocat"
@@ -370,6 +377,12 @@ class FakeGitHub:
         return [
             c for c in self.comments.values() if c["_repo"] == full_name and c["_number"] == number
         ]
+
+    def token_valid(self, token: str) -> bool:
+        """Whether `token` is an installation token GitHub would still accept (git over HTTP)."""
+        with self._lock:
+            record = self.tokens.get(token)
+            return record is not None and record["_expires"] > self.clock()
 
     def writes(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method != "GET"]
@@ -638,6 +651,7 @@ class FakeGitHub:
             "review_comment_url": f"{self.base_url}/repos/{full_name}/pulls/comments{{/number}}",
             "statuses_url": f"{self.base_url}/repos/{full_name}/statuses/{head_sha}",
             "draft": draft,
+            "maintainer_can_modify": False,
             "merged": False,
             "merged_at": None,
             "merge_commit_sha": None,
@@ -665,7 +679,7 @@ class FakeGitHub:
     def _new_token(
         self, installation_id: int, repositories: list[str] | None, permissions: Json | None
     ) -> Json:
-        expires = self.clock() + 3600
+        expires = self.clock() + self.token_lifetime
         token = "ghs_" + secrets.token_urlsafe(27).replace("-", "a").replace("_", "b")[:36]
         record = {
             "token": token,

@@ -22,6 +22,8 @@ from bot.engine import Engine, RunContext
 from bot.gateway.policy import ModelPolicy
 from bot.runtime import LABEL_RUN, DockerRuntime
 from bot.sample import BUG_FILE, GOOD_LINE, TASK, make_sample_repo
+from bot.secrets import ServerSecrets
+from bot.settings import Settings
 from bot.states import PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import dispatch
@@ -129,7 +131,13 @@ def rig(tmp_path: Path, runtime: DockerRuntime, base_image: str, fake: ModelFake
         workspace=Workspace(tmp_path / "data"),
         runtime=runtime,
         owner=TEST_OWNER,
-        secret_lookup=KEYS.get,
+        # The model keys are server secrets granted to the repository like any other.
+        secrets=ServerSecrets(
+            Settings(
+                data_dir=tmp_path / "data",
+                secrets={name: {"value": value, "repos": ["*"]} for name, value in KEYS.items()},
+            )
+        ),
         extra_ca_certs=_extra_ca(),
         models=ModelPolicy(
             anthropic_url=fake.url,

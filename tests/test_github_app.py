@@ -17,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,17 @@ from werkzeug.serving import make_server
 from bot.engine import Engine
 from bot.github.auth import AppAuth
 from bot.github.service import GitHubService
+from bot.intents import StatusIntent
 from bot.runtime import LABEL_RUN, DockerRuntime
+from bot.secrets import ServerSecrets
 from bot.settings import Settings
-from bot.states import RunMode, RunState
+from bot.states import FINISHED, PipelineKind, RunMode, RunState
 from bot.store import Store
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
 from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database
 from tests.containers import git, make_repo
+from tests.git_http import GitHttp, serve_git
 from tests.github_fake import FakeGitHub
 
 pytestmark = pytest.mark.docker
@@ -92,6 +96,9 @@ class App:
     service: GitHubService
     docker: docker.DockerClient
     tmp: Path
+    git_http: GitHttp | None = None
+    # Seconds GitHub's clock (and the App's) runs ahead of the real one.
+    clock_offset: list[float] = field(default_factory=lambda: [0.0])
 
     def deliver(
         self, event: str, data: dict[str, Any], delivery: str | None = None
@@ -189,16 +196,32 @@ def app(
     docker_client: docker.DockerClient,
     backend: str,
 ) -> Iterator[App]:
-    """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES."""
+    """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES, or with
+    a dict of options: `write_interval` (seconds between writes per installation), `git_http`
+    (git over HTTP with installation tokens checked, instead of plain paths)."""
+    param = getattr(request, "param", None)
+    options: dict[str, Any] = param if isinstance(param, dict) else {}
+    api = param if isinstance(param, str) else "https://api.github.com"
     remote = tmp_path / "remotes" / f"{REPO}.git"
     work = tmp_path / "work"
     make_repo(work, {"README.md": "# sample\n", ".trimo/config.yml": CONFIG})
     remote.parent.mkdir(parents=True)
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(remote)], check=True)
+    clock_offset = [0.0]
+
+    def clock() -> float:
+        return time.time() + clock_offset[0]
+
     with (
         empty_database(backend, tmp_path / "data") as database_url,
-        FakeGitHub(getattr(request, "param", None) or "https://api.github.com") as fake,
+        FakeGitHub(api, clock=clock) as fake,
+        ExitStack() as stack,
     ):
+        git_http = None
+        git_url = str(tmp_path / "remotes" / "{repo}.git")
+        if options.get("git_http"):
+            git_http = stack.enter_context(serve_git(tmp_path / "remotes", fake.token_valid))
+            git_url = git_http.url + "/{repo}.git"
         fake.add_repo(REPO)
         fake.set_permission(WRITER, "write")
         fake.set_permission(READER, "read")
@@ -210,7 +233,9 @@ def app(
             webhook_secrets=[SECRET],
             api_url=fake.base_url,
             web_url=fake.web_url,
-            git_url=str(tmp_path / "remotes" / "{repo}.git"),
+            git_url=git_url,
+            # The one secret these tests grant; others are refused (see the secrets tests).
+            secrets={"DEPLOY_TOKEN": {"repos": [REPO]}},
             workers=2,
         )
         store = Store(settings.database_url)
@@ -218,14 +243,20 @@ def app(
 
         server = make_server("127.0.0.1", 0, create_app(settings, store), threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        auth = AppAuth(settings.app_id or 0, fake.private_key, settings.api_url)
-        service = GitHubService(settings, store, auth, write_interval=0, edit_interval=0)
+        auth = AppAuth(settings.app_id or 0, fake.private_key, settings.api_url, clock=clock)
+        service = GitHubService(
+            settings,
+            store,
+            auth,
+            write_interval=options.get("write_interval", 0),
+            edit_interval=0,
+        )
         engine = Engine(
             store,
             Workspace(settings.data_dir),
             DockerRuntime(docker_client),
             owner="pytest-app",
-            secret_lookup=settings.secret_value,
+            secrets=ServerSecrets(settings),
         )
         pool = WorkerPool(
             engine, store, service.context_for, service.observer_for, size=2, poll_seconds=0.1
@@ -252,12 +283,16 @@ def app(
                 service,
                 docker_client,
                 tmp_path,
+                git_http,
+                clock_offset,
             )
         finally:
             stop.set()
             pool.stop(wait=True)
             for t in threads:
                 t.join(timeout=10)
+            # Lanes still answering would reach for GitHub once the fake is gone.
+            service.deliveries.wait_idle(60)
             server.shutdown()
             store.close()
             for c in docker_client.containers.list(
@@ -292,16 +327,13 @@ def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     comments = [c for c in app.fake.comments_on(REPO, issue["number"]) if "trimo:run" in c["body"]]
     assert len(comments) == 1
     assert "2 passed" in comments[0]["body"] and "1 skipped" in comments[0]["body"]
-    # The check run followed the run on the branch's starting commit, and a completed one sits
-    # on the commit the run pushed, so the draft PR shows the result.
+    # One check run, completed on the commit the run pushed (the draft PR's head), none on the
+    # default branch's commits.
     head = git(app.remote, "rev-parse", branch)
-    base = git(app.remote, "rev-parse", f"{branch}^")
-    by_sha = {c["head_sha"]: c for c in app.fake.check_runs.values()}
-    assert set(by_sha) == {base, head}
-    assert all(c["status"] == "completed" and c["conclusion"] == "success" for c in by_sha.values())
-    started = app.fake.check_run_history[by_sha[base]["id"]]
-    assert [h.get("status") for h in started][-1] == "completed"
-    assert "in_progress" in [h.get("status") for h in started]
+    checks = list(app.fake.check_runs.values())
+    assert [(c["head_sha"], c["status"], c["conclusion"]) for c in checks] == [
+        (head, "completed", "success")
+    ]
     assert app.containers(run_id) == []
 
     # The same delivery again: one run only.
@@ -385,10 +417,10 @@ def test_stop_during_agent_cancels_the_run_and_the_check(
     assert app.deliver("issue_comment", stop).status_code == 202
     assert app.wait_finished(run.id, timeout=60) == RunState.CANCELLED
     assert app.containers(run.id) == []
-    app.wait_for(
-        lambda: any(c.get("conclusion") == "cancelled" for c in app.fake.check_runs.values())
-    )
+    app.wait_for(lambda: "was cancelled" in app.tracking(run.id))
     assert f"**Why:** stopped by @{WRITER}" in app.tracking(run.id)
+    # It pushed nothing: its report is the comment alone, no check run on any commit.
+    assert app.fake.check_runs == {}
 
 
 # ---- helpers for the tests below ---------------------------------------------------------------
@@ -405,22 +437,64 @@ def _label(app: App, title: str, body: str = "") -> dict[str, Any]:
     return issue
 
 
-def _fork_pull(app: App, title: str) -> tuple[dict[str, Any], str]:
-    """A PR from a fork: its head commit is in the remote under refs/pull/<n>/head, as on GitHub.
+def _fork(app: App) -> Path:
+    """The fork's own git repository (forker/sample): a second bare repository."""
+    fork = app.tmp / "remotes" / f"{FORK}.git"
+    if not fork.exists():
+        fork.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "-q", "--bare", str(app.remote), str(fork)], check=True)
+    return fork
 
-    Returns the PR and its head commit.
-    """
+
+def _fork_push(app: App, number: int, message: str, *, api: bool = True) -> str:
+    """The fork's author pushes a commit to the PR's head branch `feature`; GitHub's copy of it
+    in the base repository (refs/pull/<n>/head) follows, and with `api` the PR's head too."""
+    fork = _fork(app)
     clone = app.tmp / f"fork-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["git", "clone", "-q", str(app.remote), str(clone)], check=True)
-    (clone / "feature.txt").write_text("the fork's feature\n")
-    git(clone, "add", "feature.txt")
-    git(clone, "commit", "-qm", "The fork's feature")
+    subprocess.run(["git", "clone", "-q", str(fork), str(clone)], check=True)
+    if git(fork, "branch", "--list", "feature"):
+        git(clone, "checkout", "-q", "feature")
+    name = f"{uuid.uuid4().hex[:6]}.txt"
+    (clone / name).write_text(f"{message}\n")
+    git(clone, "add", name)
+    git(clone, "commit", "-qm", message)
     head = git(clone, "rev-parse", "HEAD")
-    git(clone, "push", "-q", "origin", "HEAD:refs/heads/incoming")
-    pull = app.fake.add_pull(REPO, head="feature", head_repo=FORK, head_sha=head, title=title)
-    git(app.remote, "update-ref", f"refs/pull/{pull['number']}/head", head)
-    git(app.remote, "update-ref", "-d", "refs/heads/incoming")
+    git(clone, "push", "-q", "origin", "HEAD:refs/heads/feature")
+    git(clone, "push", "-q", str(app.remote), f"HEAD:refs/pull/{number}/head")
+    if api:
+        app.fake.pulls[(REPO, number)]["head"]["sha"] = head
+    return head
+
+
+def _fork_pull(
+    app: App, title: str, *, maintainer_can_modify: bool = False
+) -> tuple[dict[str, Any], str]:
+    """A PR from the fork's branch `feature`; returns the PR and its head commit."""
+    pull = app.fake.add_pull(
+        REPO,
+        head="feature",
+        head_repo=FORK,
+        head_sha="0" * 40,
+        title=title,
+        maintainer_can_modify=maintainer_can_modify,
+    )
+    head = _fork_push(app, pull["number"], "The fork's feature")
+    pull["head"]["sha"] = head
     return pull, head
+
+
+def _branches(repo: Path) -> str:
+    return git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads")
+
+
+def _approved_run(app: App, pull: dict[str, Any]) -> int:
+    """The fork PR labelled, then approved by a writer: the id of the run that starts."""
+    number = pull["number"]
+    assert app.deliver("pull_request", _pull_labeled(pull)).status_code == 202
+    app.wait_comment(number, "comes from a fork")
+    app.say(number, "/trimo approve", WRITER, pull=True)
+    app.wait_for(lambda: app.store.list_runs())
+    return app.store.list_runs()[0].id
 
 
 def _pull_labeled(pull: dict[str, Any], sender: str = WRITER) -> dict[str, Any]:
@@ -457,9 +531,12 @@ def _no_run_yet(app: App) -> None:
 # ---- fork pull requests ------------------------------------------------------------------------
 
 
-def test_a_fork_pr_waits_for_approval_of_its_head_commit(app: App) -> None:
-    pull, head = _fork_pull(app, "Feature from a fork")
+def test_a_fork_pr_allowing_edits_gets_the_commits_on_its_head_branch_none_on_base(
+    app: App,
+) -> None:
+    pull, head = _fork_pull(app, "Feature from a fork", maintainer_can_modify=True)
     number = pull["number"]
+    base_branches = _branches(app.remote)
     assert app.deliver("pull_request", _pull_labeled(pull)).status_code == 202
     waiting = app.wait_comment(number, "comes from a fork")
     assert head[:12] in waiting and "/trimo approve" in waiting
@@ -471,46 +548,97 @@ def test_a_fork_pr_waits_for_approval_of_its_head_commit(app: App) -> None:
     app.wait_comment(number, f"@{READER} Trimo runs only for people with **write**")
     _no_run_yet(app)
 
-    # A writer can: the run goes, on the base repository's branch trimo/pr-<n>-<slug>.
+    # A writer can: the run starts at the approved commit and pushes to the fork's branch.
     app.say(number, "/trimo approve", WRITER, pull=True)
     assert head[:12] in app.wait_comment(number, f"for Trimo runs by @{WRITER}")
     app.wait_for(lambda: app.store.list_runs())
     run = app.store.list_runs()[0]
     assert app.wait_finished(run.id) == RunState.SUCCEEDED
-    branch = app.store.get_pipeline(run.pipeline_id).branch
-    assert branch == f"trimo/pr-{number}-feature-from-a-fork"
-    assert git(app.remote, "log", "-1", "--format=%s", branch) == "Fix the bug"
-    assert "succeeded" in app.tracking(run.id)
+    fork = _fork(app)
+    assert git(fork, "rev-parse", "feature~1") == head
+    assert git(fork, "log", "-1", "--format=%s", "feature") == "Fix the bug"
+    assert app.store.get_run(run.id).base_sha == head
+    # Nothing of the fork's landed in the base repository: no branch appeared or moved.
+    assert _branches(app.remote) == base_branches
+    body = app.tracking(run.id)
+    assert "succeeded" in body and f"{FORK}/tree/feature" in body
     checks = [c for c in app.fake.check_runs.values() if c["head_sha"] == head]
     assert [c["conclusion"] for c in checks] == ["success"]
     assert app.containers(run.id) == []
 
-    # New commits on the fork: the approval does not carry over, by label or by command.
-    new_head = "f" * 40
-    app.fake.pulls[(REPO, number)]["head"]["sha"] = new_head
+    # New commits by the fork's author: the approval does not carry over, by label or command.
+    new_head = _fork_push(app, number, "More from the fork")
     moved = copy.deepcopy(pull)
     moved["head"]["sha"] = new_head
     assert app.deliver("pull_request", _pull_labeled(moved)).status_code == 202
-    app.wait_comment(number, f"head commit `{new_head[:12]}`")
+    said = f"new commits since approval ({git(fork, 'rev-parse', 'feature~1')[:7]} → "
+    app.wait_comment(number, said)
     app.say(number, "/trimo retry", WRITER, pull=True)
-    app.wait_for(lambda: len(app.comments(number, f"head commit `{new_head[:12]}`")) == 2)
+    app.wait_for(lambda: len(app.comments(number, said)) == 2)
     app.settle()
     assert len(app.store.list_runs()) == 1
 
 
-def test_a_fork_pr_run_starts_from_the_pr_head_commit(app: App) -> None:
+def _patch_in(body: str) -> str:
+    """The `git am`-able patch offered in a tracking comment."""
+    lines = body.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("diff") and "`" in line)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] == lines[start][:-4])
+    return "\n".join(lines[start + 1 : end]) + "\n"
+
+
+def test_a_fork_pr_without_edits_is_pushed_nowhere_and_offered_as_a_patch(app: App) -> None:
     pull, head = _fork_pull(app, "Feature from a fork")
+    base_branches = _branches(app.remote)
+    fork_branches = _branches(_fork(app))
+    run_id = _approved_run(app, pull)
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    assert _branches(app.remote) == base_branches
+    assert _branches(_fork(app)) == fork_branches
+
+    body = app.tracking(run_id)
+    assert "**Not pushed:** the pull request does not allow edits from maintainers" in body
+    clone = app.tmp / "reviewer"
+    subprocess.run(["git", "clone", "-q", "-b", "feature", str(_fork(app)), str(clone)], check=True)
+    assert git(clone, "rev-parse", "HEAD") == head
+    applied = subprocess.run(
+        ["git", "am", "-q"], cwd=clone, input=_patch_in(body), text=True, capture_output=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert git(clone, "log", "-1", "--format=%s") == "Fix the bug"
+    assert git(clone, "rev-parse", "HEAD~1") == head
+    assert (clone / "fix.txt").read_text() == f"fixed by {run_id}\n"
+    # The patch is kept with the run, and the check run sits on the PR's head.
+    kept = Path(str((app.store.get_run(run_id).report or {})["patch_path"]))
+    assert kept.read_text() == _patch_in(body)
+    assert [(c["head_sha"], c["conclusion"]) for c in app.fake.check_runs.values()] == [
+        (head, "success")
+    ]
+
+
+def test_new_commits_after_approval_refuse_the_run_before_any_container(app: App) -> None:
+    pull, approved = _fork_pull(app, "Feature from a fork")
     number = pull["number"]
-    app.deliver("pull_request", _pull_labeled(pull))
-    app.wait_comment(number, "comes from a fork")
-    app.say(number, "/trimo approve", WRITER, pull=True)
-    app.wait_for(lambda: app.store.list_runs())
-    run = app.store.list_runs()[0]
-    assert app.wait_finished(run.id) == RunState.SUCCEEDED
-    branch = app.store.get_pipeline(run.pipeline_id).branch
-    # The agent's commit sits on the fork's head, not on the default branch.
-    assert git(app.remote, "rev-parse", f"{branch}~1") == head
-    assert app.store.get_run(run.id).base_sha == head
+    first = _approved_run(app, pull)
+    assert app.wait_finished(first) == RunState.SUCCEEDED
+
+    # The fork moves on; GitHub's API still shows the approved head for a moment.
+    moved = _fork_push(app, number, "Sneaky change", api=False)
+    app.say(number, "/trimo retry", WRITER, pull=True)
+    app.wait_for(lambda: len(app.store.list_runs()) == 2)
+    second = app.store.list_runs()[0].id
+    assert app.wait_finished(second) == RunState.REJECTED
+    message = f"new commits since approval ({approved[:7]} → {moved[:7]}): /trimo approve again"
+    assert message in app.tracking(second)
+    assert app.store.get_run(second).container_id is None
+    assert app.containers(second) == []
+
+    # Once the API shows the new head too, a retry is refused before a run is even queued.
+    app.fake.pulls[(REPO, number)]["head"]["sha"] = moved
+    app.say(number, "/trimo retry", WRITER, pull=True)
+    app.wait_comment(number, message)
+    app.settle()
+    assert len(app.store.list_runs()) == 2
 
 
 # ---- GitHub failing, rate limits, GHES --------------------------------------------------------
@@ -545,11 +673,13 @@ def test_a_secondary_rate_limit_is_waited_out_as_retry_after_says(app: App) -> N
     app.wait_for(lambda: app.store.list_runs())
     run_id = app.store.list_runs()[0].id
     assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    # The check run goes on the pushed commit as the run finishes: its retry follows.
+    app.wait_for(lambda: app.fake.check_runs)
     first, second, *rest = app.fake.requests_to("POST", r"/check-runs$")
     assert second.at - first.at >= 1.0
     assert second.json == first.json  # the same create, sent again
-    assert len(rest) == 1  # and then only the check run on the pushed commit
-    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success", "success"]
+    assert rest == []
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
 
 
 @pytest.mark.parametrize("app", [GHES_API], indirect=True)
@@ -573,7 +703,7 @@ def test_on_github_enterprise_server_every_request_goes_there(app: App) -> None:
     body = app.tracking(run_id)
     assert f"https://ghe.example.test/{REPO}/tree/trimo/{issue['number']}-fix-the-bug" in body
     assert "https://github.com" not in body
-    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success", "success"]
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
 
 
 # ---- secrets -----------------------------------------------------------------------------------
@@ -620,7 +750,7 @@ def test_re_run_on_trimos_check_run_retries_the_pipeline_and_others_are_ignored(
     app.wait_for(lambda: app.store.list_runs())
     first = app.store.list_runs()[0]
     assert app.wait_finished(first.id) == RunState.SUCCEEDED
-    # Re-run works from either of the run's check runs: here the one on the pushed commit.
+    # Re-run works from the run's check run, on the commit it pushed.
     check = list(app.fake.check_runs.values())[-1]
 
     rerun = _rerequested(app, check["id"], check["head_sha"], app.fake.app_id)
@@ -644,7 +774,7 @@ def test_re_run_on_trimos_check_run_retries_the_pipeline_and_others_are_ignored(
     app.settle()
     assert len(app.store.list_runs()) == 2
     assert len(app.fake.comments) == comments
-    assert len(app.fake.check_runs) == 4  # two runs, each with its two check runs: no third run
+    assert len(app.fake.check_runs) == 2  # one per run, on the commit each pushed: no third run
 
 
 # ---- comment commands --------------------------------------------------------------------------
@@ -708,8 +838,8 @@ def test_a_new_trigger_supersedes_the_live_run_and_its_report_says_so(app: App) 
     assert f"Superseded by run #{new}" in app.tracking(old)
     assert "succeeded" in app.tracking(new)
     assert app.containers(old) == [] and app.containers(new) == []
-    conclusions = sorted(c["conclusion"] for c in app.fake.check_runs.values())
-    assert conclusions == ["cancelled", "success", "success"]  # old, new, new's pushed commit
+    # The old run pushed nothing: no check run; the new one's sits on the commit it pushed.
+    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["success"]
 
 
 def test_closing_the_issue_cancels_its_live_run(app: App) -> None:
@@ -726,7 +856,7 @@ def test_closing_the_issue_cancels_its_live_run(app: App) -> None:
     app.wait_for(lambda: "was cancelled" in app.tracking(run_id))
     assert "**Why:** the issue was closed" in app.tracking(run_id)
     assert app.containers(run_id) == []
-    assert [c["conclusion"] for c in app.fake.check_runs.values()] == ["cancelled"]
+    assert app.fake.check_runs == {}
 
 
 # ---- what went wrong, in the report ------------------------------------------------------------
@@ -858,12 +988,8 @@ def test_a_commit_carrying_a_granted_secret_is_never_pushed_and_the_report_names
     body = app.tracking(run_id)
     assert "Trimo run #" in body and "was not published" in body
     assert f"secret DEPLOY_TOKEN (commit {head[:12]}, added line leaked.txt line 1)" in body
-    finals = [
-        r.json
-        for r in app.fake.requests
-        if r.json and r.json.get("status") == "completed" and "output" in r.json
-    ]
-    assert finals and all("leaked.txt" in f["output"]["summary"] for f in finals)
+    # An issue run that pushed nothing reports in its comment alone: no check run anywhere.
+    assert app.fake.check_runs == {}
     texts = [
         *(json.dumps(r.json) + r.path for r in app.fake.requests),
         *(r.getMessage() + (r.exc_text or "") for r in caplog.records),
@@ -897,3 +1023,155 @@ def test_installation_events_record_installations_and_their_repositories(app: Ap
     app.settle()
     assert app.store.installation_for_repo("Codertocat/Hello-World") is None
     assert not app.fake.requests  # nothing of this needed GitHub's API
+
+
+# ---- secrets granted per repository ------------------------------------------------------------
+
+CANARY = "canary-4b1d7f-value-of-the-servers-own-environment"
+
+
+def test_a_secret_only_in_the_servers_environment_is_refused_and_goes_nowhere(
+    app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # Set in the environment of the process serving GitHub, as any server variable would be.
+    monkeypatch.setenv("DEPLOY_KEY", CANARY)
+    _set_config(app, CONFIG.replace("agent:\n", "agent:\n  secrets: [DEPLOY_KEY]\n", 1))
+    issue = _label(app, "Use the deploy key")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.REJECTED
+    run = app.store.get_run(run_id)
+    assert run.container_id is None and app.containers(run_id) == []
+    assert run.image_tag is None  # refused before the image, whose build runs containers too
+    body = app.tracking(run_id)
+    assert "was not started" in body
+    assert "secret DEPLOY_KEY" in body and "[secrets.DEPLOY_KEY]" in body
+    assert f'repos = ["{REPO}"]' in body
+    assert app.comments(issue["number"], "DEPLOY_KEY")
+
+    logs = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    bodies = [json.dumps(r.json) for r in app.fake.requests if r.json is not None]
+    bodies += [json.dumps(r.query) for r in app.fake.requests]
+    events = [json.dumps([e.kind, e.message, e.data]) for e in app.store.events(run_id)]
+    rows = [repr(app.store.get_run(r.id)) for r in app.store.list_runs()]
+    for where, texts in [("log", logs), ("requests", bodies), ("events", events), ("runs", rows)]:
+        assert not any(CANARY in text for text in texts), f"the canary is in the {where}"
+    # Not a byte of it anywhere in the database files either.
+    for db in (app.tmp / "data").glob("trimo.db*"):
+        assert CANARY.encode() not in db.read_bytes(), db
+
+
+# ---- commands: permission and the refusal limit --------------------------------------------------
+
+
+def test_fifty_status_commands_from_a_reader_get_one_refusal_even_across_a_restart(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    issue = app.fake.add_issue(REPO, title="Flooded")
+    number = issue["number"]
+    for n in range(50):
+        app.say(number, "/trimo help" if n % 10 == 9 else "/trimo status", READER)
+    app.settle()
+    mine = app.comments(number)
+    assert len(mine) == 1
+    assert f"@{READER} Trimo runs only for people with **write**" in mine[0]
+    assert app.fake.reactions == []
+    assert sum("already told within the hour" in r.getMessage() for r in caplog.records) == 49
+
+    # A restarted worker remembers: the store says the reader was told within the hour.
+    restarted = GitHubService(app.service.settings, app.store, app.service.auth, write_interval=0)
+    restarted.handle(
+        StatusIntent(
+            repo=REPO,
+            installation_id=1,
+            sender=READER,
+            sender_type="User",
+            delivery_id="after-restart",
+            kind=PipelineKind.ISSUE,
+            number=number,
+        )
+    )
+    assert len(app.comments(number)) == 1
+    # A writer is answered as always.
+    app.say(number, "/trimo status", WRITER)
+    app.wait_comment(number, "No Trimo run on this issue yet")
+
+
+FLOOD_REPO = "octo/flood"
+
+
+@pytest.mark.parametrize("app", [{"write_interval": 0.05}], indirect=True)
+def test_a_flood_of_commands_on_one_installation_does_not_delay_anothers_reports(
+    app: App,
+) -> None:
+    app.fake.add_repo(FLOOD_REPO, installation_id=2)
+    flooded = app.fake.add_issue(FLOOD_REPO, title="Busy")
+    for _ in range(200):
+        comment = app.fake.add_comment(FLOOD_REPO, flooded["number"], "/trimo status", user=WRITER)
+        data = _comment_payload(flooded["number"], "/trimo status", WRITER)
+        data["repository"]["full_name"] = FLOOD_REPO
+        data["repository"]["name"] = "flood"
+        data["installation"]["id"] = 2
+        data["comment"]["id"] = comment["id"]
+        assert app.deliver("issue_comment", data).status_code == 202
+
+    def answered() -> int:
+        comments = app.fake.comments_on(FLOOD_REPO, flooded["number"])
+        return len([c for c in comments if c["user"]["type"] == "Bot"])
+
+    # Each flood command costs two writes 50 ms apart: its installation is busy for 20 s.
+    app.wait_for(lambda: answered() > 0)
+    issue = _label(app, "Meanwhile elsewhere")
+    labelled = time.monotonic()
+    app.wait_for(lambda: app.comments(issue["number"], "trimo:run="), timeout=10)
+    posted = app.fake.requests_to("POST", rf"^/repos/{REPO}/issues/{issue['number']}/comments$")
+    assert posted[0].at - labelled < 2.0
+    run_id = app.store.list_runs()[0].id
+    app.wait_for(lambda: app.store.get_run(run_id).finished, timeout=120)
+    finished = time.monotonic()
+    app.wait_for(lambda: "succeeded" in app.tracking(run_id), timeout=10)
+    assert time.monotonic() - finished < 2.0
+    assert answered() < 200  # the flood was still being answered all along
+    app.wait_for(lambda: answered() == 200, timeout=60)
+
+
+# ---- fresh tokens ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("app", [{"git_http": True}], indirect=True)
+def test_a_run_outliving_its_first_token_pushes_with_a_renewed_one(app: App) -> None:
+    assert app.git_http is not None
+    _set_config(app, CONFIG.replace("sleep 300", "sleep 3"))
+    issue = _label(app, "Takes a while", body="Work SLOWLY.")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    app.wait_for(lambda: app.store.get_run(run_id).state in (RunState.AGENT, *FINISHED), 60)
+    assert app.store.get_run(run_id).state == RunState.AGENT, app.store.get_run(run_id).reason
+    first = set(app.fake.tokens)
+    # An hour and more passes on GitHub's clock: every token the run started with is dead.
+    app.clock_offset[0] += 3700
+    assert first and not any(app.fake.token_valid(t) for t in first)
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED, app.store.get_run(run_id).reason
+    branch = app.store.get_pipeline(app.store.get_run(run_id).pipeline_id).branch
+    assert git(app.remote, "log", "-1", "--format=%s", branch) == "Fix the bug"
+    [(token, status)] = app.git_http.pushes
+    assert status == 200 and token not in first and app.fake.token_valid(token)
+    # The reports after the jump went out with renewed tokens too (the fake refuses dead ones).
+    assert "succeeded" in app.tracking(run_id)
+    assert app.comments(issue["number"], "trimo:run=")
+
+
+@pytest.mark.parametrize("app", [{"git_http": True}], indirect=True)
+def test_a_401_on_push_is_retried_once_with_a_new_token(app: App) -> None:
+    assert app.git_http is not None
+    app.git_http.refuse_pushes = 1
+    _label(app, "Refused once")
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED, app.store.get_run(run_id).reason
+    (refused, first_status), (renewed, second_status) = app.git_http.pushes
+    assert (first_status, second_status) == (401, 200)
+    assert refused != renewed
+    assert len(app.store.get_run(run_id).report["commits"]) == 1  # type: ignore[index]

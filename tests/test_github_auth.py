@@ -58,20 +58,25 @@ def test_token_is_narrowed_to_the_repository_and_run_permissions(fake_github: Fa
         client.get_repo("octo", "other")
 
 
-def test_token_is_cached_until_five_minutes_before_expiry(fake_github: FakeGitHub) -> None:
+def test_token_is_cached_until_ten_minutes_before_expiry(fake_github: FakeGitHub) -> None:
     fake_github.add_repo("octo/hello")
     clock = Clock()
     auth = make_auth(fake_github, clock)
 
     first = auth.installation_token(1, "octo/hello")
-    clock.now += 54 * 60
+    clock.now += 49 * 60
     assert auth.installation_token(1, "octo/hello") == first
     assert len(fake_github.token_requests) == 1
 
-    clock.now += 2 * 60  # 4 minutes left: renew
+    clock.now += 2 * 60  # 9 minutes left: renewed before a push or a write can outlive it
     renewed = auth.installation_token(1, "octo/hello")
     assert renewed != first
     assert len(fake_github.token_requests) == 2
+
+    # GitHub refused it anyway (revoked): a new one on request, cache or not.
+    again = auth.installation_token(1, "octo/hello", renew=True)
+    assert again not in (first, renewed)
+    assert auth.installation_token(1, "octo/hello") == again
 
 
 def test_each_repository_gets_its_own_token(fake_github: FakeGitHub) -> None:

@@ -40,8 +40,26 @@ def test_an_empty_file_gives_the_defaults() -> None:
     )
     assert config.network.mode == NetworkMode.ALLOWLIST
     assert config.network.presets == ["debian", "pypi", "npm"] and config.network.allow == []
-    assert config.protected_paths == [".github/workflows/**"]
+    assert config.protected_paths == [".github/**", ".trimo/**"]
     assert config.trigger_label is None
+
+
+@pytest.mark.parametrize(
+    ("path", "protected"),
+    [
+        (".github/workflows/ci.yml", True),
+        (".github/actions/setup/action.yml", True),
+        (".github/CODEOWNERS", True),
+        (".github/dependabot.yml", True),
+        (".trimo/config.yml", True),
+        (".trimo/preboot.sh", True),
+        ("src/.github/notes.md", False),
+        ("docs/github.md", False),
+        ("README.md", False),
+    ],
+)
+def test_by_default_github_and_trimo_files_are_protected(path: str, protected: bool) -> None:
+    assert is_protected(path, parse_repo_config("").protected_paths) is protected
 
 
 def test_the_example_configuration_is_valid() -> None:
@@ -247,7 +265,7 @@ def test_a_bad_budget_names_its_field(text: str, field: str) -> None:
         (
             "protected_paths: .github",
             "protected_paths: expected a list of gitignore-style globs, "
-            "like .github/workflows/**, got '.github'",
+            "like .github/**, got '.github'",
         ),
         (
             "protected_paths: ['']",

@@ -308,6 +308,7 @@ def test_a_run_whose_result_was_refused_says_so_and_a_missing_test_report_is_nam
     refused = view(
         RunState.REJECTED,
         started_at=datetime.now(UTC),
+        phase=RunState.PUBLISHING,
         reason="result not published: the result holds the value of secret API_KEY (...)",
         tests_exit_code=0,
     )
@@ -317,6 +318,14 @@ def test_a_run_whose_result_was_refused_says_so_and_a_missing_test_report_is_nam
     assert check_run_payload(refused)["output"]["title"] == "Tests: no test report (exit 0)"
     # Never started (not authorized): the heading says that instead.
     assert "was not started" in render_comment(view(RunState.REJECTED, reason="no write access"))
+    # Refused while preparing (a secret not granted): claimed, yet never started either.
+    not_granted = view(
+        RunState.REJECTED,
+        started_at=datetime.now(UTC),
+        phase=RunState.PREPARING,
+        reason="the server does not grant secret API_KEY to octo/repo",
+    )
+    assert "was not started" in render_comment(not_granted)
 
 
 def test_blocked_hosts_are_listed_with_counts_and_the_line_that_allows_each() -> None:

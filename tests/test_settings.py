@@ -9,7 +9,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bot.errors import SettingsError
+from bot.errors import RunRefused, SettingsError
+from bot.secrets import LocalSecrets, MissingSecretError, ServerSecrets
 from bot.settings import Settings
 from tests.github_fake import app_private_key
 
@@ -61,7 +62,7 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.database_url == "sqlite:////srv/trimo/trimo.db"
     assert settings.default_timeout == 3600
     assert settings.api_url == "https://ghe.example.com/api/v3"
-    assert settings.secret_value("API_KEY") == "from-file"
+    assert ServerSecrets(settings).server_value("API_KEY") == "from-file"
 
     monkeypatch.setenv("TRIMO_SETTINGS_FILE", str(file))
     assert Settings.load().port == 9000
@@ -79,17 +80,49 @@ def test_webhook_secrets_accept_a_comma_separated_variable(monkeypatch: pytest.M
     assert Settings.load().webhook_secret_values() == ["only-this"]
 
 
-def test_secret_lookup_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRIMO_SECRETS", '{"A_KEY": "from-settings"}')
+def test_server_secrets_come_only_from_the_server_and_go_where_granted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "C_KEY").write_text("c-from-file\n")
+    monkeypatch.setenv(
+        "TRIMO_SECRETS",
+        '{"A_KEY": {"value": "from-settings", "repos": ["acme/*"]},'
+        ' "B_KEY": {"repos": ["acme-labs/api"], "forks": true},'
+        ' "C_KEY": {"repos": ["acme/*", "acme-labs/api"]}, "D_KEY": {"repos": ["*"]},'
+        ' "E_KEY": "granted-to-nobody"}',
+    )
+    monkeypatch.setenv("TRIMO_SECRETS_DIR", str(secrets_dir))
     monkeypatch.setenv("TRIMO_SECRET_A_KEY", "from-prefixed")
     monkeypatch.setenv("TRIMO_SECRET_B_KEY", "b-prefixed")
-    monkeypatch.setenv("B_KEY", "b-plain")
-    monkeypatch.setenv("C_KEY", "c-plain")
-    settings = Settings.load()
-    assert settings.secret_value("A_KEY") == "from-settings"
-    assert settings.secret_value("B_KEY") == "b-prefixed"
-    assert settings.secret_value("C_KEY") == "c-plain"
-    assert settings.secret_value("D_KEY") is None
+    monkeypatch.setenv("D_KEY", "d-plain-env-of-the-server")
+    server = ServerSecrets(Settings.load())
+    assert server.resolve(["A_KEY", "C_KEY"], "acme/web", fork=False) == {
+        "A_KEY": "from-settings",
+        "C_KEY": "c-from-file",
+    }
+    assert server.resolve(["B_KEY"], "acme-labs/api", fork=True) == {"B_KEY": "b-prefixed"}
+    # A plain environment variable of the server is never a secret's value.
+    with pytest.raises(MissingSecretError, match="TRIMO_SECRET_D_KEY"):
+        server.resolve(["D_KEY"], "acme/web", fork=False)
+    for names, repo, fork, named in [
+        (["A_KEY"], "acme-labs/api", False, r"\[secrets.A_KEY\]"),
+        (["B_KEY"], "acme/web", False, r"\[secrets.B_KEY\]"),
+        (["E_KEY"], "acme/web", False, r"\[secrets.E_KEY\]"),
+        (["NOT_DECLARED"], "acme/web", False, r"\[secrets.NOT_DECLARED\]"),
+        (["A_KEY"], "acme/web", True, r"forks = true"),
+    ]:
+        with pytest.raises(RunRefused, match=named) as refused:
+            server.resolve(names, repo, fork=fork)
+        assert "from-settings" not in str(refused.value)
+
+    # `trimo run` on the user's own machine: no grants, and the user's environment counts.
+    local = LocalSecrets(Settings.load())
+    assert local.resolve(["D_KEY", "E_KEY"], "/home/me/repo", fork=False) == {
+        "D_KEY": "d-plain-env-of-the-server",
+        "E_KEY": "granted-to-nobody",
+    }
 
 
 @pytest.mark.parametrize(

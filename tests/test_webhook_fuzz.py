@@ -295,6 +295,8 @@ class Trimo:
     def process(self, delivery: str) -> tuple[str | None, str | None]:
         """Let the worker act on what is pending; (processed_at, error) of `delivery`."""
         self.service.process_pending()
+        # Deliveries are acted on in their installation's lane: wait for every lane.
+        assert self.service.deliveries.wait_idle(60), "the worker did not finish in 60 s"
         return self.outcome(delivery)
 
     def outcome(self, delivery: str) -> tuple[str | None, str | None]:

@@ -11,6 +11,7 @@ import docker
 from bot.engine import Engine
 from bot.errors import SettingsError
 from bot.runtime import DockerRuntime
+from bot.secrets import LocalSecrets, ServerSecrets
 from bot.settings import Settings
 from bot.store import Store
 from bot.worker import reap, worker_id
@@ -32,13 +33,16 @@ class App:
     store: Store
     runtime: DockerRuntime | None
 
-    def engine(self) -> Engine:
+    def engine(self, *, local: bool = False) -> Engine:
+        """The run engine; `local` (`trimo run`) lets secrets come from the user's environment
+        too, where the server grants them to repositories by name only."""
+        secrets = LocalSecrets(self.settings) if local else ServerSecrets(self.settings)
         return Engine(
             store=self.store,
             workspace=Workspace(self.settings.data_dir),
             runtime=self.require_runtime(),
             owner=worker_id(),
-            secret_lookup=self.settings.secret_value,
+            secrets=secrets,
             default_timeout=self.settings.default_timeout,
             extra_ca_certs=self.settings.extra_ca_certs,
             network_limits=self.settings.network_limits(),

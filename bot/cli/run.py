@@ -190,7 +190,7 @@ def run_task(repo: Path, text: str, agent_command: str | None, settings_path: Pa
         branch=f"trimo/{number}-{slug}",
         title=text.strip().splitlines()[0][:200] if text.strip() else slug,
     )
-    engine = app.engine()
+    engine = app.engine(local=True)
     queued = dispatch(app.store, pipeline, trigger="cli", task=text, agent_command=agent_command)
     claimed = app.store.claim_run(engine.owner, queued.id)
     if claimed is None:
@@ -238,7 +238,13 @@ def run(
     agent_command: str | None,
     settings_path: Path | None,
 ) -> None:
-    """Run an agent on a local repository: its commits land on a `trimo/...` branch there."""
+    """Run an agent on a local repository: its commits land on a `trimo/...` branch there.
+
+    Secrets the repository asks for (agent.secrets) come from the settings, TRIMO_SECRET_<NAME>,
+    the secrets directory, or, as this is your own machine, a plain <NAME> in your environment.
+    The server (`trimo serve`) never reads plain environment variables and grants each secret
+    only to the repositories its settings name.
+    """
     if (task is None) == (task_file is None):
         raise click.UsageError("give exactly one of --task or --task-file")
     text = task if task is not None else str(task_file.read())

@@ -21,8 +21,9 @@ API_VERSION = "2022-11-28"
 # GitHub accepts at most 10 minutes; iat in the past absorbs clock drift between us and GitHub.
 JWT_BACKDATE = 60
 JWT_LIFETIME = 9 * 60
-# A token with less left than this is renewed, so no request starts with a token about to die.
-RENEW_BEFORE = 5 * 60
+# A token with less left than this is renewed before a push or a write, so none starts with a
+# token about to die (a push of a large result can take minutes).
+RENEW_BEFORE = 10 * 60
 TIMEOUT = 30
 
 # What a run needs: push the branch, open the PR, comment, report the check run.
@@ -70,7 +71,7 @@ class _Token:
 
 
 class AppAuth:
-    """Signs App JWTs and hands out installation tokens, cached until 5 minutes before expiry."""
+    """Signs App JWTs and hands out installation tokens, cached until 10 minutes before expiry."""
 
     def __init__(
         self,
@@ -105,14 +106,23 @@ class AppAuth:
         installation_id: int,
         repository: str | None = None,
         permissions: Mapping[str, str] | None = None,
+        *,
+        renew: bool = False,
     ) -> str:
-        """A token for one installation, narrowed to `repository` ("name" or "owner/name")."""
+        """A token for one installation, narrowed to `repository` ("name" or "owner/name").
+
+        `renew`: a new one even if the cached one looks valid (GitHub just refused it).
+        """
         name = repository.rsplit("/", 1)[-1] if repository else None
         wanted = dict(RUN_PERMISSIONS if permissions is None else permissions)
         key = (installation_id, name, tuple(sorted(wanted.items())))
         with self._lock:
             cached = self._tokens.get(key)
-            if cached is not None and cached.expires_at - self._clock() > RENEW_BEFORE:
+            if (
+                not renew
+                and cached is not None
+                and cached.expires_at - self._clock() > RENEW_BEFORE
+            ):
                 return cached.value
             token = self._request_token(installation_id, name, wanted)
             self._tokens[key] = token

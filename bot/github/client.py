@@ -83,6 +83,9 @@ class PullInfo:
     head_ref: str
     head_repo: str  # "owner/name"; differs from the base repository for a fork
     base_ref: str
+    head_clone_url: str = ""  # the head repository's git URL; "" once the fork is deleted
+    # Whether the author lets maintainers (and Apps acting for them) push to the head branch.
+    maintainer_can_modify: bool = False
 
 
 class _WriteGate:
@@ -412,6 +415,8 @@ class GitHubClient:
             # A deleted fork leaves `head.repo` null.
             head_repo=str(head_repo.get("full_name") or ""),
             base_ref=str(data["base"]["ref"]),
+            head_clone_url=str(head_repo.get("clone_url") or ""),
+            maintainer_can_modify=bool(data.get("maintainer_can_modify", False)),
         )
 
     # ---- the policy ------------------------------------------------------------------------

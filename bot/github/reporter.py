@@ -36,6 +36,8 @@ SUPERSEDED = "Superseded by run #{run_id}, which carries on the work of this one
 PUBLISH_REFUSED = "was not published"
 NO_TEST_REPORT = "no test report (the test command exited {code} without writing JUnit)"
 AGENT_SUMMARY = "**Summary from the agent** (its own words, not checked by Trimo):"
+NOT_PUSHED = "**Not pushed:** {why}. The commits are offered as a patch; apply it with `git am`."
+PATCH_KEPT = "The patch is kept with the run on the Trimo host: `{path}`."
 COMMANDS = (
     "<details><summary>Commands</summary>\n\n"
     "Comment a line starting with:\n\n"
@@ -107,6 +109,11 @@ class RunView:
     blocked: list[dict[str, Any]] = field(default_factory=list)
     # Model usage metered by the run's gateway: input_tokens, output_tokens, usd, calls.
     usage: dict[str, Any] | None = None
+    # Why the commits were not pushed (a fork's PR that allows no edits, a refused push), the
+    # `git am`-able patch when small enough to show, and where it is kept with the run.
+    not_pushed: str | None = None
+    patch: str | None = None
+    patch_path: str | None = None
 
 
 class IdStore(Protocol):
@@ -200,6 +207,23 @@ def _comment(
         if len(commits) < len(view.commits):
             lines.append(f"- … and {len(view.commits) - len(commits)} more")
         lines.append("")
+    if view.not_pushed:
+        lines += [NOT_PUSHED.format(why=_clean(view.not_pushed)), ""]
+        if view.patch and not shortened:
+            patch = view.patch.splitlines()
+            fence = "`" * max(3, _longest_backtick_run(patch) + 1)
+            lines += [
+                "<details><summary>Patch (<code>git am</code>)</summary>",
+                "",
+                fence + "diff",
+                *patch,
+                fence,
+                "",
+                "</details>",
+                "",
+            ]
+        elif view.patch_path:
+            lines += [PATCH_KEPT.format(path=view.patch_path), ""]
     if shortened:
         where = (
             f"[log]({view.log_url})"
@@ -212,8 +236,13 @@ def _comment(
 
 
 def _outcome(view: RunView) -> tuple[str, str]:
-    if view.state == RunState.REJECTED and view.started_at is not None:
-        # It ran, and Trimo refused what it made (a secret's value in its commits).
+    started = view.started_at is not None and view.phase not in (
+        RunState.QUEUED,
+        RunState.PREPARING,
+    )
+    if view.state == RunState.REJECTED and started:
+        # It ran, and Trimo refused what it made (a secret's value in its commits); refused
+        # while preparing (a secret not granted, a fork's head moved), it never started.
         return OUTCOMES[view.state][0], PUBLISH_REFUSED
     return OUTCOMES[view.state]
 
