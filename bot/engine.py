@@ -276,13 +276,17 @@ class Engine:
             with control.lock:
                 control.container_id = container_id
             outcome, out_dir = self._watch(run, container_id, config, masker, obs, control, agent)
-            for net in network:
-                net.release()
             # Every value the run was given (and the model keys it was not): none of them may
             # leave in what Trimo publishes.
             handed_out = {**ctx.extra_secrets, **secrets, **model_keys}
             if gateway is not None:
                 handed_out["TRIMO_MODEL_TOKEN"] = gateway.token
+                # The token ends with the run's container; the gateway leaves the run's network
+                # before the network goes, and its last usage is in the report before publishing.
+                gateway.close()
+                gateway = None
+            for net in network:
+                net.release()
             try:
                 outcome = self._finish(
                     run, checkout, config, outcome, out_dir, masker, obs, ctx, handed_out

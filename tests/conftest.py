@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bot.agents import PRESETS
 from bot.egress import PROXY_IMAGE
-from bot.images import BASE_IMAGE, ensure_base
+from bot.gateway.sidecar import GATEWAY_IMAGE
+from bot.images import BASE_IMAGE, LABEL_CONTEXT, ensure_base
 from bot.runtime import LABEL_OWNER, DockerRuntime
 from bot.store import Store
 from tests.containers import TEST_OWNER
@@ -40,7 +42,33 @@ def webhook_payloads() -> list[Path]:
     return found
 
 
-KEEP_IMAGES = {BASE_IMAGE, PROXY_IMAGE, "debian:bookworm"}
+KEEP_IMAGES = {BASE_IMAGE, PROXY_IMAGE, GATEWAY_IMAGE, "debian:bookworm"}
+# Agent layers (images/agents/<preset>) take minutes of npm and pip each: the layers built on the
+# current base stay between sessions, with the repository images they are built on, so a second
+# session on this engine builds none of them.
+KEEP_CONTEXTS = set(PRESETS)
+
+
+def kept_image_ids(client: docker.DockerClient) -> set[str]:
+    """The agent layers on the current base and every image below them (by parent)."""
+    found = client.images.list(all=True)
+    by_id = {img.id: img for img in found}
+    try:
+        base_id = client.images.get(BASE_IMAGE).id
+    except docker.errors.ImageNotFound:
+        return set()
+    kept: set[str] = set()
+    for img in found:
+        if (img.labels or {}).get(LABEL_CONTEXT) not in KEEP_CONTEXTS:
+            continue
+        chain = []
+        current = by_id.get(img.id)
+        while current is not None and current.id != base_id and len(chain) < 200:
+            chain.append(current.id)
+            current = by_id.get(current.attrs.get("Parent") or "")
+        if current is not None:  # a layer on an older base goes, as it would be rebuilt
+            kept.update(chain)
+    return kept
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +80,9 @@ def docker_client() -> Iterator[docker.DockerClient]:
     yield client
     # Images that runs built during the session (project images of test repositories) go too;
     # the base image stays, as the engine had it or as the session made it.
+    kept = kept_image_ids(client)
     for img in client.images.list():
-        if img.id in before or any(t in KEEP_IMAGES for t in img.tags):
+        if img.id in before or img.id in kept or any(t in KEEP_IMAGES for t in img.tags):
             continue
         if any(t.startswith(("trimo/", "trimo-test/", "trimo-ctx:")) for t in img.tags):
             with contextlib.suppress(docker.errors.APIError):

@@ -20,7 +20,8 @@ import pytest
 
 from bot.engine import Engine, RunContext
 from bot.gateway.policy import ModelPolicy
-from bot.runtime import LABEL_RUN, DockerRuntime
+from bot.gateway.sidecar import GATEWAY_ALIAS
+from bot.runtime import EGRESS_NETWORK, LABEL_RUN, DockerRuntime
 from bot.sample import BUG_FILE, GOOD_LINE, TASK, make_sample_repo
 from bot.secrets import ServerSecrets
 from bot.settings import Settings
@@ -88,6 +89,14 @@ class Watch:
                 # The gateway read its configuration file and deleted it.
                 gone = c.exec_run(["test", "-e", "/etc/trimo-gateway/config.json"])
                 assert gone.exit_code == 1
+                # Hardened like the proxy, on the run's network and the egress network only.
+                host = c.attrs["HostConfig"]
+                assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd")
+                assert "no-new-privileges:true" in host["SecurityOpt"]
+                assert c.attrs["Config"]["User"] != "root"
+                nets = c.attrs["NetworkSettings"]["Networks"]
+                assert set(nets) == {EGRESS_NETWORK, c.name.removesuffix("-gateway")}
+                assert GATEWAY_ALIAS in (nets[c.name.removesuffix("-gateway")]["Aliases"] or [])
                 self.checks.append("gateway")
                 continue
             env = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])
