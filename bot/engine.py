@@ -485,25 +485,39 @@ class Engine:
         threading.Thread(target=watchdog, name=f"run-{run.id}-watchdog", daemon=True).start()
         events: dict[str, dict[str, Any]] = {}
         buffer: list[str] = []
+        buffer_lock = threading.Lock()
         last_flush = time.monotonic()
 
         def flush() -> None:
             nonlocal last_flush
-            if buffer:
-                self.store.add_logs(run.id, list(buffer))
-                obs.logs(run, list(buffer))
+            with buffer_lock:
+                lines = list(buffer)
                 buffer.clear()
-            last_flush = time.monotonic()
+                if lines:
+                    self.store.add_logs(run.id, lines)
+                last_flush = time.monotonic()
+            if lines:
+                obs.logs(run, lines)
 
+        def flush_quiet_lines() -> None:
+            # A line followed by silence would otherwise wait for the next one: people watch
+            # the log live, so nothing waits longer than LOG_FLUSH_SECONDS.
+            while not finished.wait(LOG_FLUSH_SECONDS):
+                if buffer and time.monotonic() - last_flush >= LOG_FLUSH_SECONDS:
+                    flush()
+
+        threading.Thread(target=flush_quiet_lines, name=f"run-{run.id}-log", daemon=True).start()
         try:
             for line in self.runtime.lines(cid):
                 event = parse_line(line)
                 if event is None:
-                    buffer.append(masker.mask(line))
-                    if (
-                        len(buffer) >= LOG_FLUSH_LINES
-                        or time.monotonic() - last_flush > LOG_FLUSH_SECONDS
-                    ):
+                    with buffer_lock:
+                        buffer.append(masker.mask(line))
+                        due = (
+                            len(buffer) >= LOG_FLUSH_LINES
+                            or time.monotonic() - last_flush > LOG_FLUSH_SECONDS
+                        )
+                    if due:
                         flush()
                     continue
                 flush()

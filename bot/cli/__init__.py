@@ -11,6 +11,7 @@ from bot.cli.image import image
 from bot.cli.run import demo, run
 from bot.cli.runs import runs
 from bot.cli.serve import serve, worker
+from bot.cli.ui import ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +31,7 @@ cli.add_command(demo)
 cli.add_command(serve)
 cli.add_command(worker)
 cli.add_command(runs)
+cli.add_command(ui)
 
 
 def main() -> None:

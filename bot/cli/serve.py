@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # `trimo` command starts without them. One HTTP process is the fastest on a small machine
 # (bench/README.md); webhooks.server.DEFAULT_WORKERS says the same.
 DEFAULT_HTTP_WORKERS = 1
+# Each open run page holds one thread with its live log (a stream ends after 30 s and the
+# browser resumes it); the webhook receiver needs one. Measured in bench/ui_follow.py.
+HTTP_THREADS = 8
 
 log = logging.getLogger(__name__)
 DELIVERY_POLL_SECONDS = 0.5
@@ -131,6 +134,7 @@ def serve(
     settings_path: Path | None, http_workers: int, host: str | None, port: int | None
 ) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
+    from ui.app import init_app as init_ui
     from webhooks.app import create_app
     from webhooks.server import serve as serve_http
 
@@ -143,6 +147,7 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     store = Store(settings.database_url)
     app = create_app(settings, store)
+    init_ui(app, settings, store)
     env = dict(os.environ)
     if settings_path is not None:
         env["TRIMO_SETTINGS_FILE"] = str(settings_path)
@@ -167,6 +172,7 @@ def serve(
         settings.host,
         settings.port,
         workers=http_workers,
+        threads=HTTP_THREADS,
         on_starting=on_starting,
         on_exit=on_exit,
     )

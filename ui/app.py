@@ -1,0 +1,82 @@
+"""The run pages' Flask wiring: `init_app` adds them to an app, `create_app` makes one."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flask import Flask
+from flask_wtf.csrf import CSRFProtect
+
+from bot.settings import Settings
+from bot.store import Store
+from ui.access import Access, LocalAccess
+from ui.follow import LogHub
+
+EXTENSION = "trimo.ui"
+SECRET_FILE = "ui-secret-key"
+
+
+@dataclass
+class UI:
+    """What the pages need: settings, the store, the live-log hub and who is asking."""
+
+    settings: Settings
+    store: Store
+    access: Callable[[], Access]
+    hub: LogHub = field(init=False)
+    # A live-log stream ends after this long; the browser reconnects with Last-Event-ID, so
+    # no stream holds a server thread for ever.
+    stream_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.hub = LogHub(self.store)
+
+
+def secret_key(data_dir: Path) -> bytes:
+    """The key that signs session cookies and CSRF tokens, kept in the data directory (0600)
+    so sessions survive a restart."""
+    path = data_dir / SECRET_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def init_app(
+    app: Flask,
+    settings: Settings,
+    store: Store,
+    access: Callable[[], Access] | None = None,
+) -> UI:
+    """Add the run pages to `app`; without `access`, everyone may see and act (local use)."""
+    from ui.views import bp
+
+    ui = UI(settings, store, access or LocalAccess)
+    app.extensions[EXTENSION] = ui
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = secret_key(settings.data_dir)
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    CSRFProtect(app)
+    app.register_blueprint(bp)
+    return ui
+
+
+def create_app(settings: Settings, store: Store) -> Flask:
+    """The run pages alone, for `trimo ui` on this machine: nobody signs in."""
+    app = Flask(__name__)
+    init_app(app, settings, store)
+    return app
