@@ -290,11 +290,15 @@ def test_a_waiting_phase_is_posted_by_the_reporters_own_thread(
     try:
         reporter.on_queued(view(RunState.QUEUED))
         assert not reporter.on_phase(view(RunState.AGENT))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and reporter.pending():
+        started = time.monotonic()
+        body = ""
+        while time.monotonic() - started < 5 and "Trimo run #7: agent" not in body:
             time.sleep(0.05)
-        (comment,) = fake_github.comments_on("octo/hello", 1)
-        assert "Trimo run #7: agent" in comment["body"]
+            (comment,) = fake_github.comments_on("octo/hello", 1)
+            body = comment["body"]
+        assert "Trimo run #7: agent" in body
+        # Posted once its interval was over, not before and not much after.
+        assert 0.4 <= time.monotonic() - started < 2.0
     finally:
         reporter.close()
 
