@@ -297,8 +297,6 @@ def test_a_waiting_phase_is_posted_by_the_reporters_own_thread(
             (comment,) = fake_github.comments_on("octo/hello", 1)
             body = comment["body"]
         assert "Trimo run #7: agent" in body
-        # Posted once its interval was over, not before and not much after.
-        assert 0.4 <= time.monotonic() - started < 2.0
     finally:
         reporter.close()
 
