@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     min_permission: Permission = "write"
     bot_login: str | None = None
 
+    # Where people reach this Trimo's run pages (e.g. https://trimo.example.com): check runs
+    # and tracking comments link there. Unset: the reports name `trimo runs logs` instead.
+    public_url: str | None = None
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
@@ -187,7 +191,7 @@ class Settings(BaseSettings):
             read_certificates(value)  # a wrong file fails at start, not at the next image build
         return value
 
-    @field_validator("api_url", "web_url")
+    @field_validator("api_url", "web_url", "public_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
@@ -270,6 +274,10 @@ class Settings(BaseSettings):
         """The git URL of GitHub repository `repo` ("owner/name")."""
         template = self.git_url or f"{self.web_url}/{{repo}}.git"
         return template.replace("{repo}", repo)
+
+    def run_url(self, run_id: int) -> str | None:
+        """The run page of run `run_id`, when `public_url` is set."""
+        return f"{self.public_url}/runs/{run_id}" if self.public_url else None
 
     def webhook_secret_values(self) -> list[str]:
         return [s.get_secret_value() for s in self.webhook_secrets]

@@ -55,6 +55,7 @@ JUNIT = (
     "<skipped/></testcase></testsuite>"
 )
 GHES_API = "https://ghe.example.test/api/v3"
+PUBLIC_URL = "https://trimo.example.test"
 FORK = "forker/sample"
 CONFIG = f"""agent:
   command: >-
@@ -238,6 +239,7 @@ def app(
             # The one secret these tests grant; others are refused (see the secrets tests).
             secrets={"DEPLOY_TOKEN": {"repos": [REPO]}},
             workers=2,
+            public_url=PUBLIC_URL,
         )
         store = Store(settings.database_url)
         from webhooks.app import create_app
@@ -328,6 +330,11 @@ def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     comments = [c for c in app.fake.comments_on(REPO, issue["number"]) if "trimo:run" in c["body"]]
     assert len(comments) == 1
     assert "2 passed" in comments[0]["body"] and "1 skipped" in comments[0]["body"]
+    # Both link to the run's page.
+    assert f"]({PUBLIC_URL}/runs/{run_id})" in comments[0]["body"]
+    assert all(
+        c["details_url"] == f"{PUBLIC_URL}/runs/{run_id}" for c in app.fake.check_runs.values()
+    )
     # One check run, completed on the commit the run pushed (the draft PR's head), none on the
     # default branch's commits.
     head = git(app.remote, "rev-parse", branch)

@@ -285,7 +285,7 @@ def _links(view: RunView) -> str:
     if view.pr_url:
         parts.append(f"**Pull request:** {view.pr_url}")
     if view.log_url:
-        parts.append(f"**Log:** [full log]({view.log_url})")
+        parts.append(f"**Run page:** [live log and results]({view.log_url})")
     return " · ".join(parts)
 
 
