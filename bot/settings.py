@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     trigger_label: str = "trimo"
     min_permission: Permission = "write"
     bot_login: str | None = None
+    # The App's OAuth credentials (its page: Client ID, Client secrets): people sign in to the
+    # run pages with GitHub.
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
 
     # Where people reach this Trimo's run pages (e.g. https://trimo.example.com): check runs
     # and tracking comments link there. Unset: the reports name `trimo runs logs` instead.

@@ -31,3 +31,16 @@ class LocalAccess:
 
     def can_act(self, repo: str) -> bool:
         return True
+
+
+class NoAccess:
+    """`trimo serve` without the App's OAuth credentials: nobody can sign in, nobody sees runs."""
+
+    def user(self) -> str | None:
+        return None
+
+    def can_read(self, repo: str) -> bool:
+        return False
+
+    def can_act(self, repo: str) -> bool:
+        return False

@@ -13,7 +13,7 @@ from flask_wtf.csrf import CSRFProtect
 
 from bot.settings import Settings
 from bot.store import Store
-from ui.access import Access, LocalAccess
+from ui.access import Access, LocalAccess, NoAccess
 from ui.follow import LogHub
 
 EXTENSION = "trimo.ui"
@@ -52,24 +52,37 @@ def secret_key(data_dir: Path) -> bytes:
     return key
 
 
-def init_app(
-    app: Flask,
-    settings: Settings,
-    store: Store,
-    access: Callable[[], Access] | None = None,
-) -> UI:
-    """Add the run pages to `app`; without `access`, everyone may see and act (local use)."""
+def init_app(app: Flask, settings: Settings, store: Store, *, local: bool = False) -> UI:
+    """Add the run pages to `app`.
+
+    `local` (`trimo ui` on 127.0.0.1): everyone who reaches them may see and act. Otherwise
+    people sign in with GitHub (the App's client id and secret) and see the runs of the
+    repositories they can read; without those settings nobody sees any run.
+    """
     from ui.views import bp
 
-    ui = UI(settings, store, access or LocalAccess)
-    app.extensions[EXTENSION] = ui
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secret_key(settings.data_dir)
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=bool(settings.public_url and settings.public_url.startswith("https")),
         WTF_CSRF_TIME_LIMIT=None,
     )
+    access: Callable[[], Access]
+    if local:
+        access = LocalAccess
+    elif settings.client_id and settings.client_secret:
+        from ui.signin import SignedInAccess, init_signin
+
+        flow = init_signin(app, settings)
+
+        def access() -> Access:
+            return SignedInAccess(flow)
+    else:
+        access = NoAccess
+    ui = UI(settings, store, access)
+    app.extensions[EXTENSION] = ui
     CSRFProtect(app)
     app.register_blueprint(bp)
     return ui
@@ -78,5 +91,5 @@ def init_app(
 def create_app(settings: Settings, store: Store) -> Flask:
     """The run pages alone, for `trimo ui` on this machine: nobody signs in."""
     app = Flask(__name__)
-    init_app(app, settings, store)
+    init_app(app, settings, store, local=True)
     return app

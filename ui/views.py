@@ -105,6 +105,11 @@ def links(pipeline: Pipeline) -> dict[str, str]:
     return found
 
 
+@bp.app_context_processor
+def _signin() -> dict[str, Any]:
+    return {"signin_enabled": "signin.start" in current_app.view_functions}
+
+
 @bp.app_template_global()
 def state_class(state: RunState) -> str:
     if state == RunState.SUCCEEDED:
@@ -211,6 +216,7 @@ def run_page(run_id: int) -> str:
         links=links(found),
         usage=usage(run),
         can_act=_access().can_act(found.repo),
+        min_permission=ui.settings.min_permission,
         duration=duration,
         human=human,
         user=_access().user(),
