@@ -33,6 +33,7 @@ from bot.errors import (
     WorkspaceError,
 )
 from bot.junit import TestReport, parse_junit
+from bot.logs import about_run
 from bot.masking import Masker
 from bot.network import (
     Blocked,
@@ -187,6 +188,10 @@ class Engine:
 
     def execute(self, run: Run, ctx: RunContext, observer: Observer | None = None) -> Run:
         """Drive a claimed run (state `preparing`) to a finished state; returns its final row."""
+        with about_run(run.id):
+            return self._execute(run, ctx, observer)
+
+    def _execute(self, run: Run, ctx: RunContext, observer: Observer | None) -> Run:
         obs = observer or NullObserver()
         masker = Masker(ctx.extra_secrets.values())
         obs.state(run)

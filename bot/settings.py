@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     # Where people reach this Trimo's run pages (e.g. https://trimo.example.com): check runs
     # and tracking comments link there. Unset: the reports name `trimo runs logs` instead.
     public_url: str | None = None
+    # Bearer token a Prometheus elsewhere sends to /metrics; unset: only this machine scrapes.
+    metrics_token: SecretStr | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -746,6 +746,17 @@ class Store:
         rows.reverse()
         return rows, total
 
+    def events_since(self, after_id: int, kinds: Iterable[str], limit: int) -> list[RunEventRow]:
+        """Events of every run with id > after_id and one of `kinds`, oldest first."""
+        stmt = (
+            select(EventRecord)
+            .where(EventRecord.id > after_id, EventRecord.kind.in_(list(kinds)))
+            .order_by(EventRecord.id)
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [_event(r) for r in s.scalars(stmt)]
+
     def last_event_id(self) -> int:
         """The newest event id of any run (0 when there is none)."""
         with self._read() as s:

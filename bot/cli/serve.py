@@ -50,6 +50,7 @@ def _auth(settings: Settings) -> AppAuth:
 
 def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
     from bot.github.service import GitHubService
+    from bot.health import StatusWriter
     from bot.worker import WorkerPool
 
     app = open_app(settings_path, need_engine=True)
@@ -74,7 +75,9 @@ def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
             return None
         return service.observer_for(run)
 
-    pool = WorkerPool(app.engine(), app.store, context_for, observer_for, size=settings.workers)
+    engine = app.engine()
+    pool = WorkerPool(engine, app.store, context_for, observer_for, size=settings.workers)
+    status = StatusWriter(settings.data_dir, engine.owner, engine.runtime.problem).start()
     threads = [threading.Thread(target=pool.run_forever, name="trimo-runs", daemon=True)]
     if service is not None:
         threads.append(
@@ -88,6 +91,7 @@ def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
         f"trimo worker: {settings.workers} run slot(s), data in {settings.data_dir}", err=True
     )
     stop.wait()
+    status.stop()
     pool.stop(wait=False)
 
 
@@ -134,6 +138,8 @@ def serve(
     settings_path: Path | None, http_workers: int, host: str | None, port: int | None
 ) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
+    from bot.health import read_statuses
+    from bot.metrics import RunMetrics
     from ui.app import init_app as init_ui
     from webhooks.app import create_app
     from webhooks.server import serve as serve_http
@@ -146,7 +152,13 @@ def serve(
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
     store = Store(settings.database_url)
-    app = create_app(settings, store)
+    app = create_app(
+        settings,
+        store,
+        metrics=RunMetrics(store, settings.data_dir),
+        workers=lambda: read_statuses(settings.data_dir),
+        metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
+    )
     init_ui(app, settings, store)
     env = dict(os.environ)
     if settings_path is not None:
