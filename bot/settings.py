@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from contextvars import ContextVar
@@ -35,6 +36,8 @@ ENV_PREFIX = "TRIMO_"
 SETTINGS_FILE_ENV = "TRIMO_SETTINGS_FILE"
 WEBHOOK_SECRET_ENV = "TRIMO_WEBHOOK_SECRET"
 SECRET_ENV_PREFIX = "TRIMO_SECRET_"
+# The App's credentials as the manifest flow wrote them, in the data directory (mode 0600).
+APP_FILE = "github-app.toml"
 # GitHub's repository roles, weakest first.
 PERMISSION_LEVELS = ("read", "triage", "write", "maintain", "admin")
 Permission = Literal["read", "triage", "write", "maintain", "admin"]
@@ -236,17 +239,37 @@ class Settings(BaseSettings):
         if path is None and os.environ.get(SETTINGS_FILE_ENV):
             path, source = Path(os.environ[SETTINGS_FILE_ENV]), SETTINGS_FILE_ENV
         data = _read_toml(path, source) if path is not None else {}
-        token = _file_data.set(data)
-        try:
-            settings = cls(**overrides)
-        except ValidationError as exc:
-            raise _settings_error(exc, path) from None
-        finally:
-            _file_data.reset(token)
+        settings = cls._build(data, overrides, path)
+        app_file = settings.data_dir / APP_FILE
+        if settings.app_id is None and app_file.is_file():
+            # The App created from the run pages (the manifest flow); anything set elsewhere wins.
+            settings = cls._build(
+                _read_toml(app_file, "the data directory") | data, overrides, path
+            )
         settings.private_key_pem()  # fail at start, not at the first webhook
         for name, value in settings.configured_secrets().items():
             check_secret_value(name, value)
         return settings
+
+    @classmethod
+    def _build(cls, data: dict[str, Any], overrides: dict[str, Any], path: Path | None) -> Settings:
+        token = _file_data.set(data)
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise _settings_error(exc, path) from None
+        finally:
+            _file_data.reset(token)
+
+    @property
+    def has_app(self) -> bool:
+        """Whether any GitHub App setting is given (else `trimo serve` offers to create one)."""
+        return (
+            self.app_id is not None
+            or self.private_key is not None
+            or self.private_key_path is not None
+            or bool(self.webhook_secrets)
+        )
 
     def network_limits(self) -> NetworkLimits:
         return NetworkLimits(
@@ -364,3 +387,21 @@ def _settings_error(exc: ValidationError, path: Path | None) -> SettingsError:
     if error["type"] == "extra_forbidden":
         where, problem = f"{name} in {path}", "unknown setting; check its spelling"
     return SettingsError(SETTING_BAD.format(setting=where, problem=problem))
+
+
+def write_app_file(data_dir: Path, values: dict[str, Any]) -> Path:
+    """Write the App's settings (`values`: strings, ints, lists of strings) to the data
+    directory's APP_FILE, readable by this user alone; the next `Settings.load` uses them."""
+    lines = ["# Written by trimo serve when the GitHub App was created; keep it secret."]
+    for key, value in values.items():
+        # JSON's string escapes are TOML's basic-string escapes.
+        lines.append(f"{key} = {json.dumps(value)}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / APP_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

@@ -188,6 +188,10 @@ class FakeGitHub:
         self.oauth_clients: dict[str, str] = {}
         self.signed_in: str | None = None
         self._oauth_codes: dict[str, tuple[str, str, str]] = {}
+        # The manifest flow: manifests posted to /settings/apps/new, by the code handed back;
+        # the Apps made from them (conversions), as GitHub answered.
+        self._manifests: dict[str, Json] = {}
+        self.created_apps: list[Json] = []
 
         self._ids = itertools.count(1_000_001)
         self._lock = threading.RLock()
@@ -410,7 +414,7 @@ class FakeGitHub:
         req = requests.Request(environ["REQUEST_METHOD"], url, headers=headers, data=body)
         prepared = req.prepare()
         path = environ.get("PATH_INFO", "/")
-        if path.startswith("/login/oauth/"):
+        if path.startswith("/login/oauth/") or path.endswith("/settings/apps/new"):
             status, reply_headers, text = self._handle_web(prepared)
         elif path.startswith(self._prefix + "/"):
             status, reply_headers, text = self._handle(prepared)
@@ -454,9 +458,9 @@ class FakeGitHub:
             self.requests.append(
                 RecordedRequest(method, path, query, body, dict(req.headers), time.monotonic())
             )
-            as_user = self._as_user(req, method, path)
-            if as_user is not None:
-                return as_user
+            outside = self._as_user(req, method, path) or self._manifest_conversion(method, path)
+            if outside is not None:
+                return outside
             if self.validate:
                 self._validate(req, method, raw_path)
             failure = self._take_failure(method, path)
@@ -485,6 +489,9 @@ class FakeGitHub:
                     time.monotonic(),
                 )
             )
+            if split.path.endswith("/settings/apps/new") and req.method == "POST":
+                form = {k: v[0] for k, v in parse_qs(raw).items()}
+                return self._new_app_from_manifest(query, form)
             if split.path.endswith("/authorize") and req.method == "GET":
                 return self._oauth_authorize(query)
             if split.path.endswith("/access_token") and req.method == "POST":
@@ -493,6 +500,48 @@ class FakeGitHub:
                     form = json.loads(raw)
                 return self._oauth_access_token(query | form)
             return 404, {"content-type": "text/plain"}, "Not Found"
+
+    def _new_app_from_manifest(self, query: dict[str, str], form: dict[str, str]) -> Reply:
+        """The person confirmed the App on GitHub's page: back to its redirect_url with a code
+        ("Registering a GitHub App from a manifest")."""
+        try:
+            manifest = json.loads(form.get("manifest", ""))
+        except ValueError:
+            return 422, {"content-type": "text/html"}, "<h1>Invalid manifest</h1>"
+        if not isinstance(manifest, dict) or not manifest.get("redirect_url"):
+            return 422, {"content-type": "text/html"}, "<h1>Invalid manifest</h1>"
+        code = secrets.token_hex(10)
+        self._manifests[code] = manifest
+        params = {"code": code} | ({"state": query["state"]} if "state" in query else {})
+        return 302, {"location": f"{manifest['redirect_url']}?{urlencode(params)}"}, ""
+
+    def _manifest_conversion(self, method: str, path: str) -> Reply | None:
+        """POST /app-manifests/{code}/conversions: the App's credentials, once per code."""
+        match = re.fullmatch(r"/app-manifests/([^/]+)/conversions", path)
+        if method != "POST" or match is None:
+            return None
+        manifest = self._manifests.pop(match.group(1), None)
+        if manifest is None:
+            return self._reply(404, {"message": "Not Found"})
+        client_id, client_secret = "Iv1." + secrets.token_hex(8), secrets.token_hex(20)
+        self.add_oauth_client(client_id, client_secret)
+        app = {
+            "id": self.app_id,
+            "slug": APP_SLUG,
+            "node_id": "A_trimo",
+            "name": manifest.get("name", "Trimo"),
+            "owner": self._user("octo", "Organization"),
+            "html_url": f"{self.web_url}/apps/{APP_SLUG}",
+            "external_url": manifest.get("url"),
+            "permissions": manifest.get("default_permissions", {}),
+            "events": manifest.get("default_events", []),
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "webhook_secret": secrets.token_hex(20),
+            "pem": self.private_key,
+        }
+        self.created_apps.append(app | {"manifest": manifest})
+        return self._reply(201, app)
 
     def _oauth_authorize(self, query: dict[str, str]) -> Reply:
         client_id, redirect = query.get("client_id", ""), query.get("redirect_uri", "")

@@ -148,6 +148,9 @@ def serve(
     flags = {name: value for name, value in (("host", host), ("port", port)) if value is not None}
     try:
         settings = Settings.load(settings_path, **flags)
+        if not settings.has_app:
+            _serve_setup(settings)
+            return
         settings.require_github()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -188,3 +191,17 @@ def serve(
         on_starting=on_starting,
         on_exit=on_exit,
     )
+
+
+def _serve_setup(settings: Settings) -> None:
+    """No GitHub App yet: serve the page that creates one, until stopped."""
+    from ui.setup import create_setup_app
+    from webhooks.server import serve as serve_http
+
+    where = settings.public_url or f"http://{settings.host}:{settings.port}"
+    click.echo(
+        f"trimo serve: no GitHub App is set up; open {where}/ to create one "
+        "(or set TRIMO_APP_ID, TRIMO_PRIVATE_KEY_PATH and TRIMO_WEBHOOK_SECRET)",
+        err=True,
+    )
+    serve_http(create_setup_app(settings), settings.host, settings.port, after_fork=lambda: None)
