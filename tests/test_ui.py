@@ -99,3 +99,13 @@ def test_the_live_log_resumes_after_last_event_id_and_ends_with_the_run(
     ]
     assert logs == ["line 3", "line 4", "line 5"]
     assert '"message": "succeeded"' in body and "event: end" in body
+
+
+def test_past_the_stream_limit_a_browser_is_told_to_come_back(app: Flask, store: Store) -> None:
+    (run_id,) = _runs(store, "/src/a", 1)
+    ui = app.extensions["trimo.ui"]
+    ui.streams = threading.BoundedSemaphore(1)
+    assert ui.streams.acquire(blocking=False)  # the one stream slot is taken
+    answer = app.test_client().get(f"/runs/{run_id}/events")
+    assert answer.status_code == 200 and answer.get_data(as_text=True) == "retry: 3000\n\n"
+    ui.streams.release()

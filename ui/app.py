@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ from ui.follow import LogHub
 
 EXTENSION = "trimo.ui"
 SECRET_FILE = "ui-secret-key"
+# The HTTP server's threads (webhooks.server, trimo serve and trimo ui): a live-log stream holds
+# one while it lasts, waiting, not computing. Measured in bench/ui_follow.py.
+HTTP_THREADS = 64
+MAX_STREAMS = HTTP_THREADS - 8
 
 
 @dataclass
@@ -31,9 +36,14 @@ class UI:
     # A live-log stream ends after this long; the browser reconnects with Last-Event-ID, so
     # no stream holds a server thread for ever.
     stream_seconds: float = 30.0
+    # Each stream holds one of the HTTP server's threads while it lasts: past this many, a
+    # browser is told to come back in a few seconds, so pages and webhooks still get threads.
+    max_streams: int = MAX_STREAMS
+    streams: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.hub = LogHub(self.store)
+        self.streams = threading.BoundedSemaphore(self.max_streams)
 
 
 def secret_key(data_dir: Path) -> bytes:

@@ -50,10 +50,10 @@ class LogHub:
 
     def follow(
         self, run_id: int, after: int, *, max_seconds: float, keepalive: float = 10.0
-    ) -> Iterator[RunEventRow | None]:
-        """Rows of `run_id` with ids above `after`, as they are added, until the run finished
-        and every row was given, or `max_seconds` passed. None means "still here, nothing new"
-        (every `keepalive` seconds)."""
+    ) -> Iterator[list[RunEventRow]]:
+        """Rows of `run_id` with ids above `after`, in batches as they are added, until the run
+        finished and every row was given, or `max_seconds` passed. An empty batch means "still
+        here, nothing new" (every `keepalive` seconds)."""
         feed = self._join(run_id, after)
         cursor = after
         deadline = time.monotonic() + max_seconds
@@ -65,7 +65,7 @@ class LogHub:
                     page = self.store.events(run_id, after_id=cursor, limit=PAGE_ROWS)
                     page = [r for r in page if r.id <= feed.base]
                     if page:
-                        yield from page
+                        yield page
                         cursor = page[-1].id
                         continue
                     cursor = feed.base
@@ -83,12 +83,12 @@ class LogHub:
                 if fresh and fresh[0].id > cursor and cursor < feed.base:
                     continue  # the feed moved past us while we waited: catch up from the store
                 if fresh:
-                    yield from fresh
+                    yield fresh
                     cursor = fresh[-1].id
                     quiet_since = time.monotonic()
                 elif time.monotonic() - quiet_since >= keepalive:
                     quiet_since = time.monotonic()
-                    yield None
+                    yield []
                 if time.monotonic() >= deadline:
                     return
         finally:

@@ -29,6 +29,7 @@ from ui.app import EXTENSION, UI
 from ui.details import commit_diffs, timeline
 
 PAGE_SIZE = 50
+BUSY_RETRY = "retry: 3000\n\n"
 # The run page shows the end of the log; the whole of it is one link away.
 LOG_TAIL_LINES = 2000
 STOPPED_HERE = "stopped by {user} on the run page"
@@ -257,12 +258,21 @@ def run_events(run_id: int) -> Response:
     resume = request.headers.get("Last-Event-ID", "")
     after = int(resume) if resume.isdigit() else request.args.get("after", 0, type=int)
 
+    if not ui.streams.acquire(blocking=False):
+        # Every stream slot is taken: the browser reconnects (same Last-Event-ID) a bit later.
+        return Response(BUSY_RETRY, mimetype="text/event-stream")
+
     def stream() -> Iterator[str]:
-        yield "retry: 500\n\n"
-        for row in ui.hub.follow(run_id, after, max_seconds=ui.stream_seconds):
-            yield ": still running\n\n" if row is None else sse(row)
-        if ui.store.get_run(run_id).finished:
-            yield "event: end\ndata: {}\n\n"
+        try:
+            yield "retry: 500\n\n"
+            # One write per batch of rows, not per row: fifty followers of a busy log would
+            # otherwise cost fifty small writes per line.
+            for batch in ui.hub.follow(run_id, after, max_seconds=ui.stream_seconds):
+                yield "".join(sse(row) for row in batch) if batch else ": still running\n\n"
+            if ui.store.get_run(run_id).finished:
+                yield "event: end\ndata: {}\n\n"
+        finally:
+            ui.streams.release()
 
     return Response(
         stream(),

@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 # `trimo` command starts without them. One HTTP process is the fastest on a small machine
 # (bench/README.md); webhooks.server.DEFAULT_WORKERS says the same.
 DEFAULT_HTTP_WORKERS = 1
-# Each open run page holds one thread with its live log (a stream ends after 30 s and the
-# browser resumes it); the webhook receiver needs one. Measured in bench/ui_follow.py.
-HTTP_THREADS = 8
 
 log = logging.getLogger(__name__)
 DELIVERY_POLL_SECONDS = 0.5
@@ -140,6 +137,7 @@ def serve(
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
     from bot.health import read_statuses
     from bot.metrics import RunMetrics
+    from ui.app import HTTP_THREADS
     from ui.app import init_app as init_ui
     from webhooks.app import create_app
     from webhooks.server import serve as serve_http

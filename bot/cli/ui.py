@@ -12,9 +12,6 @@ from bot.settings import Settings
 from bot.store import Store
 
 DEFAULT_UI_PORT = 8001
-# One stream per open run page, each ended after UI.stream_seconds: enough threads that a few
-# people following runs never keep a page from loading.
-UI_THREADS = 8
 
 
 @click.command("ui")
@@ -22,7 +19,7 @@ UI_THREADS = 8
 @click.option("--port", default=DEFAULT_UI_PORT, show_default=True, help="Port on 127.0.0.1.")
 def ui(settings_path: Path | None, port: int) -> None:
     """The run pages for local runs (`trimo run`), on http://127.0.0.1:PORT/runs."""
-    from ui.app import create_app
+    from ui.app import HTTP_THREADS, create_app
     from webhooks.server import serve as serve_http
 
     try:
@@ -33,4 +30,4 @@ def ui(settings_path: Path | None, port: int) -> None:
     app = create_app(settings, store)
     # Nobody signs in here, so the pages are for this machine alone.
     click.echo(f"trimo ui: http://127.0.0.1:{port}/runs", err=True)
-    serve_http(app, "127.0.0.1", port, threads=UI_THREADS, after_fork=store.after_fork)
+    serve_http(app, "127.0.0.1", port, threads=HTTP_THREADS, after_fork=store.after_fork)
