@@ -21,6 +21,7 @@ from flask import (
 from werkzeug.wrappers import Response as BaseResponse
 
 from bot.errors import NoSuchRunError, TrimoError
+from bot.metrics import EGRESS_DENIED
 from bot.states import FINISHED, PipelineKind, RunMode, RunState
 from bot.store import Pipeline, Run, RunEventRow
 from bot.worker import dispatch
@@ -222,7 +223,7 @@ def run_page(run_id: int) -> str:
         human=human,
         user=_access().user(),
         live=not run.finished,
-        denials=[e for e in others if e.kind in {"egress", "denial", "network"}],
+        denials=[e for e in others if e.kind == EGRESS_DENIED],
     )
 
 
