@@ -6,6 +6,7 @@ written to the data directory for the next start."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from bot.settings import Settings, write_app_file
 
+# The repository's config/github-app-manifest.json; an installed server names its copy with
+# TRIMO_APP_MANIFEST (the server image does).
 MANIFEST = Path(__file__).resolve().parents[1] / "config" / "github-app-manifest.json"
+MANIFEST_ENV = "TRIMO_APP_MANIFEST"
 EXTENSION = "trimo.setup"
 HTTP_TIMEOUT_SECONDS = 15
 EXCHANGE_FAILED = (
@@ -38,7 +42,8 @@ def _base() -> str:
 
 def manifest(base: str) -> dict[str, Any]:
     """config/github-app-manifest.json, pointed at this Trimo."""
-    data: dict[str, Any] = json.loads(MANIFEST.read_text())
+    path = Path(os.environ.get(MANIFEST_ENV) or MANIFEST)
+    data: dict[str, Any] = json.loads(path.read_text())
     data["url"] = base
     data["hook_attributes"] = dict(data.get("hook_attributes", {}), url=f"{base}/webhooks/github")
     data["redirect_url"] = f"{base}/setup/github/done"
