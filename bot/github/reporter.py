@@ -533,14 +533,21 @@ class Reporter:
 
     def _flush_forever(self) -> None:
         while True:
-            wait = self.flush_due()
+            self.flush_due()
             with self._lock:
                 if self._closed:
                     return
-                if not self._pending or wait is None:
-                    self._wake.wait(IDLE_WAIT_SECONDS)
+                # Computed under the lock that on_phase notifies under: a view that came in
+                # since flush_due looked is waited for, not slept past.
+                now = self._clock()
+                waits = [
+                    self._last_edit.get(run_id, now) + self.edit_interval - now
+                    for run_id in self._pending
+                ]
+                if waits:
+                    self._wake.wait(max(min(waits), 0.01))
                 else:
-                    self._wake.wait(max(wait, 0.01))
+                    self._wake.wait(IDLE_WAIT_SECONDS)
 
     def _publish(self, view: RunView) -> None:
         owner, repo = view.repo.split("/", 1)
