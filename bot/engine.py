@@ -36,6 +36,7 @@ from bot.junit import TestReport, parse_junit
 from bot.logs import about_run
 from bot.masking import Masker
 from bot.network import (
+    EGRESS_DENIED,
     Blocked,
     NetworkLimits,
     NetworkMode,
@@ -450,6 +451,12 @@ class Engine:
         def blocked(refusal: Blocked) -> None:
             line = [refusal.log_line()]
             self.store.add_logs(run.id, line)
+            self.store.add_event(
+                run.id,
+                EGRESS_DENIED,
+                line[0],
+                {"host": refusal.host, "port": refusal.port, "rule": refusal.rule},
+            )
             obs.logs(run, line)
 
         return blocked

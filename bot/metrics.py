@@ -18,13 +18,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from bot.health import read_statuses
+from bot.network import EGRESS_DENIED
 from bot.states import FINISHED, RunState
 from bot.store import Store
 
 # Seconds: a phase takes from well under a second (queued on a free worker) to hours (agent).
 PHASE_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
-# The network policy records one event of this kind per connection it refused.
-EGRESS_DENIED = "egress_denied"
 SCAN_ROWS = 5000
 
 

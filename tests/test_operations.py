@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.github.client import CALLS
 from bot.health import StatusWriter, read_statuses
 from bot.logs import about_delivery, about_run, configure
-from bot.metrics import EGRESS_DENIED, RunMetrics
+from bot.metrics import RunMetrics
+from bot.network import EGRESS_DENIED
 from bot.settings import Settings
 from bot.states import PipelineKind, RunState
 from bot.store import Store

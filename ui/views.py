@@ -21,7 +21,7 @@ from flask import (
 from werkzeug.wrappers import Response as BaseResponse
 
 from bot.errors import NoSuchRunError, TrimoError
-from bot.metrics import EGRESS_DENIED
+from bot.network import EGRESS_DENIED
 from bot.states import FINISHED, PipelineKind, RunMode, RunState
 from bot.store import Pipeline, Run, RunEventRow
 from bot.worker import dispatch
