@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.browser import browser  # noqa: F401
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 from tests.github_fake import served_fake
 
 pytestmark = pytest.mark.docker
@@ -59,7 +59,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def _signed(url: str, secret: str) -> requests.Response:
-    body = (shared_dir() / "github" / "webhooks" / "ping.json").read_bytes()
+    body = (GITHUB_FIXTURES / "webhooks" / "ping.json").read_bytes()
     sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return requests.post(
         f"{url}/webhooks/github",

@@ -24,7 +24,7 @@ from bot.network import EGRESS_DENIED
 from bot.settings import Settings
 from bot.states import PipelineKind, RunState
 from bot.store import Store
-from tests.conftest import shared_dir
+from tests.conftest import GITHUB_FIXTURES
 from webhooks.app import create_app
 
 SECRET = "operations-secret"
@@ -86,7 +86,7 @@ def test_metrics_count_runs_phases_deliveries_github_calls_and_denials(
     StatusWriter(tmp_path, "host:1:2", lambda: None).write()
     app = _app(tmp_path, store)
     client = app.test_client()
-    body = (shared_dir() / "github" / "webhooks" / "issues.labeled.json").read_bytes()
+    body = (GITHUB_FIXTURES / "webhooks" / "issues.labeled.json").read_bytes()
     assert _deliver(client, body) in (200, 202)
     assert _deliver(client, body, secret="wrong") == 401
 

@@ -148,7 +148,7 @@ class RunReports:
             if run.state == RunState.CANCELLED and run.cancel_reason
             else run.reason,
             superseded_by=run.superseded_by,
-            log_url=self.settings.run_url(run.id),
+            log_url=self.service.settings.run_url(run.id),
             commits=[(c[0], c[1]) for c in report.get("commits", [])],
             blocked=list(report.get("network_blocked", [])),
             not_pushed=report.get("not_pushed"),
