@@ -205,6 +205,9 @@ def run_page(run_id: int) -> str:
     others = [e for e in events if e.kind not in {"state", "log"}]
     # The stream resumes after the newest row the page already holds, whatever its kind.
     after = max([e.id for e in events] + [r.id for r in lines] + [0])
+    # A result refused for carrying a secret value is the operator's to read on the server
+    # (`trimo runs show ID --patch`), never the page's to serve.
+    withheld = bool((run.report or {}).get("secrets"))
     return render_template(
         "run.html",
         run=run,
@@ -214,7 +217,8 @@ def run_page(run_id: int) -> str:
         hidden_lines=total - len(lines),
         events=others,
         after=after,
-        commits=commit_diffs(ui.settings, found, run) if run.commits else [],
+        withheld=withheld,
+        commits=commit_diffs(ui.settings, found, run) if run.commits and not withheld else [],
         links=links(found),
         usage=usage(run),
         can_act=_access().can_act(found.repo),
