@@ -14,14 +14,18 @@ RUN apt-get update \
 COPY pyproject.toml README.md /src/
 COPY bot /src/bot
 COPY webhooks /src/webhooks
+COPY ui /src/ui
 RUN python3 -m venv /opt/trimo/venv \
     && /opt/trimo/venv/bin/pip install --no-cache-dir "/src[postgres]" \
     && rm -rf /src
 
 # The base image's context travels with the server, so it can build trimo/base:bookworm itself.
 COPY images /opt/trimo/images
+# What "Create GitHub App" on a fresh server's page asks GitHub for.
+COPY config/github-app-manifest.json /opt/trimo/config/github-app-manifest.json
 ENV PATH=/opt/trimo/venv/bin:$PATH \
     TRIMO_IMAGES_DIR=/opt/trimo/images \
+    TRIMO_APP_MANIFEST=/opt/trimo/config/github-app-manifest.json \
     TRIMO_DATA_DIR=/var/lib/trimo \
     TRIMO_HOST=0.0.0.0 \
     TRIMO_PORT=8000

@@ -39,8 +39,10 @@ from bot.gateway.network import run_network
 from bot.gateway.policy import ModelPolicy
 from bot.gateway.sidecar import Gateway, GatewaySpec, start_gateway
 from bot.junit import TestReport, parse_junit
+from bot.logs import about_run
 from bot.masking import Masker
 from bot.network import (
+    EGRESS_DENIED,
     Blocked,
     NetworkLimits,
     NetworkMode,
@@ -234,6 +236,10 @@ class Engine:
 
     def execute(self, run: Run, ctx: RunContext, observer: Observer | None = None) -> Run:
         """Drive a claimed run (state `preparing`) to a finished state; returns its final row."""
+        with about_run(run.id):
+            return self._execute(run, ctx, observer)
+
+    def _execute(self, run: Run, ctx: RunContext, observer: Observer | None) -> Run:
         obs = observer or NullObserver()
         masker = Masker(ctx.extra_secrets.values())
         obs.state(run)
@@ -645,6 +651,12 @@ class Engine:
         def blocked(refusal: Blocked) -> None:
             line = [refusal.log_line()]
             self.store.add_logs(run.id, line)
+            self.store.add_event(
+                run.id,
+                EGRESS_DENIED,
+                line[0],
+                {"host": refusal.host, "port": refusal.port, "rule": refusal.rule},
+            )
             obs.logs(run, line)
 
         return blocked
@@ -690,16 +702,28 @@ class Engine:
         threading.Thread(target=watchdog, name=f"run-{run.id}-watchdog", daemon=True).start()
         events: dict[str, dict[str, Any]] = {}
         buffer: list[str] = []
+        buffer_lock = threading.Lock()
         last_flush = time.monotonic()
 
         def flush() -> None:
             nonlocal last_flush
-            if buffer:
-                self.store.add_logs(run.id, list(buffer))
-                obs.logs(run, list(buffer))
+            with buffer_lock:
+                lines = list(buffer)
                 buffer.clear()
-            last_flush = time.monotonic()
+                if lines:
+                    self.store.add_logs(run.id, lines)
+                last_flush = time.monotonic()
+            if lines:
+                obs.logs(run, lines)
 
+        def flush_quiet_lines() -> None:
+            # A line followed by silence would otherwise wait for the next one: people watch
+            # the log live, so nothing waits longer than LOG_FLUSH_SECONDS.
+            while not finished.wait(LOG_FLUSH_SECONDS):
+                if buffer and time.monotonic() - last_flush >= LOG_FLUSH_SECONDS:
+                    flush()
+
+        threading.Thread(target=flush_quiet_lines, name=f"run-{run.id}-log", daemon=True).start()
         try:
             for line in self.runtime.lines(cid):
                 event = parse_line(line)
@@ -709,11 +733,13 @@ class Engine:
                     self._steps(run, steps, masker, obs)
                     continue
                 if event is None:
-                    buffer.append(masker.mask(line))
-                    if (
-                        len(buffer) >= LOG_FLUSH_LINES
-                        or time.monotonic() - last_flush > LOG_FLUSH_SECONDS
-                    ):
+                    with buffer_lock:
+                        buffer.append(masker.mask(line))
+                        due = (
+                            len(buffer) >= LOG_FLUSH_LINES
+                            or time.monotonic() - last_flush > LOG_FLUSH_SECONDS
+                        )
+                    if due:
                         flush()
                     continue
                 flush()

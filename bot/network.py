@@ -58,6 +58,8 @@ _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 HOST_PATTERN = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*$")
 HOST_EXPECTED = "a host name like api.example.com or *.example.com (no scheme, path or port)"
 BLOCKED_LINE = "network: blocked {method} {host}:{port} — {reason}"
+# The run event recorded for each refused connection (the run page lists them, /metrics counts).
+EGRESS_DENIED = "egress_denied"
 
 
 def valid_host_pattern(value: str) -> bool:

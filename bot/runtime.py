@@ -286,6 +286,14 @@ class DockerRuntime:
     def start(self, container_id: str) -> None:
         self.client.api.start(container_id)
 
+    def problem(self) -> str | None:
+        """None when the engine answers a ping, else what went wrong."""
+        try:
+            self.client.ping()
+        except (docker.errors.DockerException, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     def lines(self, container_id: str) -> Iterator[str]:
         """The container's stdout and stderr, line by line, until it exits."""
         pending = b""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from contextvars import ContextVar
@@ -36,6 +37,8 @@ ENV_PREFIX = "TRIMO_"
 SETTINGS_FILE_ENV = "TRIMO_SETTINGS_FILE"
 WEBHOOK_SECRET_ENV = "TRIMO_WEBHOOK_SECRET"
 SECRET_ENV_PREFIX = "TRIMO_SECRET_"
+# The App's credentials as the manifest flow wrote them, in the data directory (mode 0600).
+APP_FILE = "github-app.toml"
 # GitHub's repository roles, weakest first.
 PERMISSION_LEVELS = ("read", "triage", "write", "maintain", "admin")
 Permission = Literal["read", "triage", "write", "maintain", "admin"]
@@ -162,6 +165,16 @@ class Settings(BaseSettings):
     trigger_label: str = "trimo"
     min_permission: Permission = "write"
     bot_login: str | None = None
+    # The App's OAuth credentials (its page: Client ID, Client secrets): people sign in to the
+    # run pages with GitHub.
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+
+    # Where people reach this Trimo's run pages (e.g. https://trimo.example.com): check runs
+    # and tracking comments link there. Unset: the reports name `trimo runs logs` instead.
+    public_url: str | None = None
+    # Bearer token a Prometheus elsewhere sends to /metrics; unset: only this machine scrapes.
+    metrics_token: SecretStr | None = None
 
     # The model gateway: where each provider's calls go (any compatible endpoint), the price of
     # each model in US dollars per million tokens [input, output] (the longest matching name
@@ -207,7 +220,7 @@ class Settings(BaseSettings):
             read_certificates(value)  # a wrong file fails at start, not at the next image build
         return value
 
-    @field_validator("api_url", "web_url", "anthropic_url", "openai_url")
+    @field_validator("api_url", "web_url", "public_url", "anthropic_url", "openai_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
@@ -246,17 +259,37 @@ class Settings(BaseSettings):
         if path is None and os.environ.get(SETTINGS_FILE_ENV):
             path, source = Path(os.environ[SETTINGS_FILE_ENV]), SETTINGS_FILE_ENV
         data = _read_toml(path, source) if path is not None else {}
-        token = _file_data.set(data)
-        try:
-            settings = cls(**overrides)
-        except ValidationError as exc:
-            raise _settings_error(exc, path) from None
-        finally:
-            _file_data.reset(token)
+        settings = cls._build(data, overrides, path)
+        app_file = settings.data_dir / APP_FILE
+        if settings.app_id is None and app_file.is_file():
+            # The App created from the run pages (the manifest flow); anything set elsewhere wins.
+            settings = cls._build(
+                _read_toml(app_file, "the data directory") | data, overrides, path
+            )
         settings.private_key_pem()  # fail at start, not at the first webhook
         for name, value in settings.configured_secrets().items():
             check_secret_value(name, value)
         return settings
+
+    @classmethod
+    def _build(cls, data: dict[str, Any], overrides: dict[str, Any], path: Path | None) -> Settings:
+        token = _file_data.set(data)
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise _settings_error(exc, path) from None
+        finally:
+            _file_data.reset(token)
+
+    @property
+    def has_app(self) -> bool:
+        """Whether any GitHub App setting is given (else `trimo serve` offers to create one)."""
+        return (
+            self.app_id is not None
+            or self.private_key is not None
+            or self.private_key_path is not None
+            or bool(self.webhook_secrets)
+        )
 
     def network_limits(self) -> NetworkLimits:
         return NetworkLimits(
@@ -299,6 +332,10 @@ class Settings(BaseSettings):
         """The git URL of GitHub repository `repo` ("owner/name")."""
         template = self.git_url or f"{self.web_url}/{{repo}}.git"
         return template.replace("{repo}", repo)
+
+    def run_url(self, run_id: int) -> str | None:
+        """The run page of run `run_id`, when `public_url` is set."""
+        return f"{self.public_url}/runs/{run_id}" if self.public_url else None
 
     def webhook_secret_values(self) -> list[str]:
         return [s.get_secret_value() for s in self.webhook_secrets]
@@ -379,3 +416,21 @@ def _settings_error(exc: ValidationError, path: Path | None) -> SettingsError:
     if error["type"] == "extra_forbidden":
         where, problem = f"{name} in {path}", "unknown setting; check its spelling"
     return SettingsError(SETTING_BAD.format(setting=where, problem=problem))
+
+
+def write_app_file(data_dir: Path, values: dict[str, Any]) -> Path:
+    """Write the App's settings (`values`: strings, ints, lists of strings) to the data
+    directory's APP_FILE, readable by this user alone; the next `Settings.load` uses them."""
+    lines = ["# Written by trimo serve when the GitHub App was created; keep it secret."]
+    for key, value in values.items():
+        # JSON's string escapes are TOML's basic-string escapes.
+        lines.append(f"{key} = {json.dumps(value)}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / APP_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

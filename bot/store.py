@@ -574,13 +574,38 @@ class Store:
                 raise NoSuchRunError(NO_SUCH_RUN.format(run_id=run_id))
             return _run(row)
 
-    def list_runs(self, limit: int = 20, pipeline_id: int | None = None) -> list[Run]:
-        """Newest first."""
+    def list_runs(
+        self,
+        limit: int = 20,
+        pipeline_id: int | None = None,
+        *,
+        repo: str | None = None,
+        states: Iterable[RunState] | None = None,
+        before_id: int | None = None,
+    ) -> list[Run]:
+        """Newest first; `before_id` pages back from a run id (exclusive)."""
         stmt = select(RunRecord).order_by(RunRecord.id.desc()).limit(limit)
         if pipeline_id is not None:
             stmt = stmt.where(RunRecord.pipeline_id == pipeline_id)
+        if repo is not None:
+            repo_pipelines = select(PipelineRecord.id).where(PipelineRecord.repo == repo)
+            stmt = stmt.where(RunRecord.pipeline_id.in_(repo_pipelines))
+        if states is not None:
+            stmt = stmt.where(RunRecord.state.in_([str(x) for x in states]))
+        if before_id is not None:
+            stmt = stmt.where(RunRecord.id < before_id)
         with self._read() as s:
             return [_run(r) for r in s.scalars(stmt)]
+
+    def run_counts(self) -> dict[tuple[str, str], int]:
+        """How many runs each repository has in each state: {(repo, state): count}."""
+        stmt = (
+            select(PipelineRecord.repo, RunRecord.state, func.count())
+            .join(PipelineRecord, PipelineRecord.id == RunRecord.pipeline_id)
+            .group_by(PipelineRecord.repo, RunRecord.state)
+        )
+        with self._read() as s:
+            return {(repo, state): int(n) for repo, state, n in s.execute(stmt)}
 
     def live_runs(self, pipeline_id: int | None = None) -> list[Run]:
         """Runs not yet finished, oldest first."""
@@ -723,8 +748,11 @@ class Store:
         after_id: int = 0,
         kinds: Iterable[str] | None = None,
         limit: int | None = None,
+        *,
+        without: Iterable[str] | None = None,
     ) -> list[RunEventRow]:
-        """Events of a run with id > after_id, in the order they were added."""
+        """Events of a run with id > after_id, in the order they were added; `kinds` keeps
+        only those kinds, `without` leaves those out."""
         stmt = (
             select(EventRecord)
             .where(EventRecord.run_id == run_id, EventRecord.id > after_id)
@@ -732,20 +760,43 @@ class Store:
         )
         if kinds is not None:
             stmt = stmt.where(EventRecord.kind.in_(list(kinds)))
+        if without is not None:
+            stmt = stmt.where(EventRecord.kind.not_in(list(without)))
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read() as s:
-            return [
-                RunEventRow(
-                    id=r.id,
-                    run_id=r.run_id,
-                    kind=r.kind,
-                    message=r.message,
-                    data=json.loads(r.data_json) if r.data_json else None,
-                    created_at=r.created_at,
-                )
-                for r in s.scalars(stmt)
-            ]
+            return [_event(r) for r in s.scalars(stmt)]
+
+    def log_tail(self, run_id: int, limit: int) -> tuple[list[RunEventRow], int]:
+        """The last `limit` log lines of a run, oldest first, and how many lines it has."""
+        stmt = (
+            select(EventRecord)
+            .where(EventRecord.run_id == run_id, EventRecord.kind == "log")
+            .order_by(EventRecord.id.desc())
+            .limit(limit)
+        )
+        count = select(func.count()).where(EventRecord.run_id == run_id, EventRecord.kind == "log")
+        with self._read() as s:
+            rows = [_event(r) for r in s.scalars(stmt)]
+            total = int(s.execute(count).scalar_one())
+        rows.reverse()
+        return rows, total
+
+    def events_since(self, after_id: int, kinds: Iterable[str], limit: int) -> list[RunEventRow]:
+        """Events of every run with id > after_id and one of `kinds`, oldest first."""
+        stmt = (
+            select(EventRecord)
+            .where(EventRecord.id > after_id, EventRecord.kind.in_(list(kinds)))
+            .order_by(EventRecord.id)
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [_event(r) for r in s.scalars(stmt)]
+
+    def last_event_id(self) -> int:
+        """The newest event id of any run (0 when there is none)."""
+        with self._read() as s:
+            return int(s.execute(select(func.max(EventRecord.id))).scalar_one() or 0)
 
     # -- webhook deliveries ---------------------------------------------------------------------
 
@@ -1443,6 +1494,17 @@ def _event_values(
 
 def _event_row(run_id: int, kind: str, message: str, data: Mapping[str, Any] | None) -> EventRecord:
     return EventRecord(**_event_values(run_id, kind, message, data))
+
+
+def _event(row: EventRecord) -> RunEventRow:
+    return RunEventRow(
+        id=row.id,
+        run_id=row.run_id,
+        kind=row.kind,
+        message=row.message,
+        data=json.loads(row.data_json) if row.data_json else None,
+        created_at=row.created_at,
+    )
 
 
 def _pipeline(row: PipelineRecord) -> Pipeline:

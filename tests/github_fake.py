@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
+from werkzeug.serving import make_server
 
 from tests.conftest import GITHUB_FIXTURES
 
@@ -181,6 +183,15 @@ class FakeGitHub:
         self.tokens: dict[str, Json] = {}
         self.token_requests: list[Json] = []
         self.labels: dict[tuple[str, int], list[str]] = {}
+        # The OAuth web flow of github.com (not part of the REST description): the App's
+        # client credentials, who the browser is signed in to GitHub as, codes handed out.
+        self.oauth_clients: dict[str, str] = {}
+        self.signed_in: str | None = None
+        self._oauth_codes: dict[str, tuple[str, str, str]] = {}
+        # The manifest flow: manifests posted to /settings/apps/new, by the code handed back;
+        # the Apps made from them (conversions), as GitHub answered.
+        self._manifests: dict[str, Json] = {}
+        self.created_apps: list[Json] = []
 
         self._ids = itertools.count(1_000_001)
         self._lock = threading.RLock()
@@ -201,6 +212,14 @@ class FakeGitHub:
         )
         for method in ("GET", "POST", "PATCH", "PUT", "DELETE"):
             self._mock.add_callback(method, any_url, callback=self._handle)
+        web = urlsplit(self.web_url)
+        oauth_url = re.compile(
+            re.escape(f"{web.scheme}://{web.netloc}")
+            + r"(:443)?/login/oauth/(authorize|access_token)"
+            r"(\?.*)?$"
+        )
+        for method in ("GET", "POST"):
+            self._mock.add_callback(method, oauth_url, callback=self._handle_web)
             if parts.netloc != urlsplit(SPEC_SERVER).netloc:
                 # Faking a GitHub Enterprise Server: nothing may go to api.github.com.
                 stray = re.compile(re.escape(SPEC_SERVER) + r"(:443)?(/.*)?$")
@@ -369,6 +388,41 @@ class FakeGitHub:
 
     # ---- queries for assertions --------------------------------------------------------------
 
+    def add_oauth_client(self, client_id: str, client_secret: str) -> None:
+        """The App's OAuth client id and secret, as GitHub shows them on the App's page."""
+        self.oauth_clients[client_id] = client_secret
+
+    def user_token(self, login: str) -> str:
+        """A user-to-server token of `login`, as the OAuth flow would give one."""
+        with self._lock:
+            return self._new_user_token(login)
+
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        """This fake as a WSGI app, for a real HTTP server that a browser or another process
+        reaches (`served_fake`); the same state answers as through `responses`."""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else None
+        headers = {
+            key[5:].replace("_", "-").title(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
+        if environ.get("CONTENT_TYPE"):
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
+        query = environ.get("QUERY_STRING", "")
+        url = f"{self.web_url}{environ.get('PATH_INFO', '/')}" + (f"?{query}" if query else "")
+        req = requests.Request(environ["REQUEST_METHOD"], url, headers=headers, data=body)
+        prepared = req.prepare()
+        path = environ.get("PATH_INFO", "/")
+        if path.startswith("/login/oauth/") or path.endswith("/settings/apps/new"):
+            status, reply_headers, text = self._handle_web(prepared)
+        elif path.startswith(self._prefix + "/"):
+            status, reply_headers, text = self._handle(prepared)
+        else:  # e.g. a browser's /favicon.ico
+            status, reply_headers, text = 404, {"content-type": "text/plain"}, "Not Found"
+        start_response(f"{status} {_REASONS.get(status, 'OK')}", list(reply_headers.items()))
+        return [text.encode()]
+
     def requests_to(self, method: str, path_regex: str) -> list[RecordedRequest]:
         pattern = re.compile(path_regex)
         return [r for r in self.requests if r.method == method.upper() and pattern.search(r.path)]
@@ -404,6 +458,9 @@ class FakeGitHub:
             self.requests.append(
                 RecordedRequest(method, path, query, body, dict(req.headers), time.monotonic())
             )
+            outside = self._as_user(req, method, path) or self._manifest_conversion(method, path)
+            if outside is not None:
+                return outside
             if self.validate:
                 self._validate(req, method, raw_path)
             failure = self._take_failure(method, path)
@@ -413,6 +470,156 @@ class FakeGitHub:
             if failure is not None:
                 return self._failure_reply(failure)
             return reply
+
+    # ---- the OAuth web flow and user tokens (docs.github.com: "Authorizing OAuth apps",
+    # "Generating a user access token for a GitHub App"), outside the REST description ----
+
+    def _handle_web(self, req: requests.PreparedRequest) -> Reply:
+        split = urlsplit(req.url or "")
+        query = {k: v[0] for k, v in parse_qs(split.query).items()}
+        raw = req.body.decode() if isinstance(req.body, bytes) else (req.body or "")
+        with self._lock:
+            self.requests.append(
+                RecordedRequest(
+                    (req.method or "GET").upper(),
+                    split.path,
+                    parse_qs(split.query),
+                    raw,
+                    dict(req.headers),
+                    time.monotonic(),
+                )
+            )
+            if split.path.endswith("/settings/apps/new") and req.method == "POST":
+                form = {k: v[0] for k, v in parse_qs(raw).items()}
+                return self._new_app_from_manifest(query, form)
+            if split.path.endswith("/authorize") and req.method == "GET":
+                return self._oauth_authorize(query)
+            if split.path.endswith("/access_token") and req.method == "POST":
+                form = {k: v[0] for k, v in parse_qs(raw).items()} if raw else {}
+                if raw.startswith("{"):
+                    form = json.loads(raw)
+                return self._oauth_access_token(query | form)
+            return 404, {"content-type": "text/plain"}, "Not Found"
+
+    def _new_app_from_manifest(self, query: dict[str, str], form: dict[str, str]) -> Reply:
+        """The person confirmed the App on GitHub's page: back to its redirect_url with a code
+        ("Registering a GitHub App from a manifest")."""
+        try:
+            manifest = json.loads(form.get("manifest", ""))
+        except ValueError:
+            return 422, {"content-type": "text/html"}, "<h1>Invalid manifest</h1>"
+        if not isinstance(manifest, dict) or not manifest.get("redirect_url"):
+            return 422, {"content-type": "text/html"}, "<h1>Invalid manifest</h1>"
+        code = secrets.token_hex(10)
+        self._manifests[code] = manifest
+        params = {"code": code} | ({"state": query["state"]} if "state" in query else {})
+        return 302, {"location": f"{manifest['redirect_url']}?{urlencode(params)}"}, ""
+
+    def _manifest_conversion(self, method: str, path: str) -> Reply | None:
+        """POST /app-manifests/{code}/conversions: the App's credentials, once per code."""
+        match = re.fullmatch(r"/app-manifests/([^/]+)/conversions", path)
+        if method != "POST" or match is None:
+            return None
+        manifest = self._manifests.pop(match.group(1), None)
+        if manifest is None:
+            return self._reply(404, {"message": "Not Found"})
+        client_id, client_secret = "Iv1." + secrets.token_hex(8), secrets.token_hex(20)
+        self.add_oauth_client(client_id, client_secret)
+        app = {
+            "id": self.app_id,
+            "slug": APP_SLUG,
+            "node_id": "A_trimo",
+            "name": manifest.get("name", "Trimo"),
+            "owner": self._user("octo", "Organization"),
+            "html_url": f"{self.web_url}/apps/{APP_SLUG}",
+            "external_url": manifest.get("url"),
+            "permissions": manifest.get("default_permissions", {}),
+            "events": manifest.get("default_events", []),
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "webhook_secret": secrets.token_hex(20),
+            "pem": self.private_key,
+        }
+        self.created_apps.append(app | {"manifest": manifest})
+        return self._reply(201, app)
+
+    def _oauth_authorize(self, query: dict[str, str]) -> Reply:
+        client_id, redirect = query.get("client_id", ""), query.get("redirect_uri", "")
+        if client_id not in self.oauth_clients or not redirect:
+            return 404, {"content-type": "text/html"}, "<h1>404: unknown application</h1>"
+        if self.signed_in is None:
+            return 200, {"content-type": "text/html"}, "<h1>Sign in to GitHub</h1>"
+        code = secrets.token_hex(10)
+        self._oauth_codes[code] = (client_id, self.signed_in, redirect)
+        params = {"code": code} | ({"state": query["state"]} if "state" in query else {})
+        sep = "&" if "?" in redirect else "?"
+        return 302, {"location": f"{redirect}{sep}{urlencode(params)}"}, ""
+
+    def _oauth_access_token(self, form: dict[str, str]) -> Reply:
+        headers = {"content-type": "application/json; charset=utf-8"}
+        client_id, code = form.get("client_id", ""), form.get("code", "")
+        if self.oauth_clients.get(client_id) != form.get("client_secret"):
+            error = {"error": "incorrect_client_credentials"}
+            return 200, headers, json.dumps(error)
+        issued = self._oauth_codes.pop(code, None)
+        if issued is None or issued[0] != client_id:
+            return 200, headers, json.dumps({"error": "bad_verification_code"})
+        if form.get("redirect_uri") and form["redirect_uri"] != issued[2]:
+            return 200, headers, json.dumps({"error": "redirect_uri_mismatch"})
+        token = self._new_user_token(issued[1])
+        answer = {
+            "access_token": token,
+            "token_type": "bearer",
+            "scope": "",
+            "expires_in": 28800,
+            "refresh_token": "ghr_" + secrets.token_hex(20),
+            "refresh_token_expires_in": 15897600,
+        }
+        return 200, headers, json.dumps(answer)
+
+    def _new_user_token(self, login: str) -> str:
+        token = "ghu_" + secrets.token_hex(18)
+        self.tokens[token] = {
+            "token": token,
+            "_user": login,
+            "_installation": None,
+            "_repositories": None,
+            "_expires": self.clock() + 28800,
+        }
+        return token
+
+    def _as_user(self, req: requests.PreparedRequest, method: str, path: str) -> Reply | None:
+        """GET /user and GET /repos/{owner}/{repo} with a user's token; None for other calls."""
+        _, _, credential = (req.headers.get("Authorization") or "").partition(" ")
+        token = self.tokens.get(credential)
+        if token is None or "_user" not in token or method != "GET":
+            return None
+        login = str(token["_user"])
+        if token["_expires"] <= self.clock():
+            return self._reply(401, {"message": "Bad credentials"})
+        if path == "/user":
+            return self._reply(200, self._user(login) | {"name": login, "email": None})
+        match = re.fullmatch(r"/repos/([^/]+)/([^/]+)", path)
+        if match is None:
+            return None
+        full_name = f"{match.group(1)}/{match.group(2)}"
+        stored = self.repos.get(full_name)
+        role = self.permissions.get((full_name, login), self.permissions.get((None, login)))
+        role = role or "none"
+        # A user's token sees what the person can see (a public repository, or a private one
+        # they were given a role on), and only where the App is installed.
+        if stored is None or (stored["json"]["private"] and role == "none"):
+            return self._not_found()
+        order = ["none", "read", "triage", "write", "maintain", "admin"]
+        level = order.index(role) if role in order else 0
+        permissions = {
+            "pull": level >= 1 or not stored["json"]["private"],
+            "triage": level >= 2,
+            "push": level >= 3,
+            "maintain": level >= 4,
+            "admin": level >= 5,
+        }
+        return self._reply(200, stored["json"] | {"permissions": permissions})
 
     def _stray(self, req: requests.PreparedRequest) -> Reply:
         with self._lock:
@@ -1313,6 +1520,23 @@ _ROUTES: list[tuple[str, str, str]] = [
 _JWT_HANDLERS = frozenset({"_create_token", "_repo_installation", "_get_app"})
 
 
+@contextmanager
+def served_fake(**options: Any) -> Iterator[FakeGitHub]:
+    """A fake GitHub Enterprise-style root on a real socket (http://127.0.0.1:<port>, the API
+    under /api/v3): for a browser and for other processes, while this process reaches the same
+    state through `responses`."""
+    server = make_server("127.0.0.1", 0, lambda e, s: [], threaded=True)
+    with FakeGitHub(f"http://127.0.0.1:{server.server_port}/api/v3", **options) as fake:
+        server.app = fake.wsgi
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        try:
+            yield fake
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+
+
 @pytest.fixture
 def fake_github() -> Iterator[FakeGitHub]:
     """A fake api.github.com with one App; violations of the OpenAPI description fail the test."""
@@ -1320,4 +1544,4 @@ def fake_github() -> Iterator[FakeGitHub]:
         yield fake
 
 
-__all__ = ["BOT_LOGIN", "FakeGitHub", "RecordedRequest", "fake_github"]
+__all__ = ["BOT_LOGIN", "FakeGitHub", "RecordedRequest", "fake_github", "served_fake"]

@@ -55,10 +55,12 @@ JUNIT = (
     "<skipped/></testcase></testsuite>"
 )
 GHES_API = "https://ghe.example.test/api/v3"
+PUBLIC_URL = "https://trimo.example.test"
 FORK = "forker/sample"
 CONFIG = f"""agent:
   command: >-
     grep -q SLOWLY "$TRIMO_TASK_FILE" && sleep 300;
+    grep -q BRIEFLY "$TRIMO_TASK_FILE" && sleep 8;
     grep -q PRINTENV "$TRIMO_TASK_FILE" && env | sort;
     echo "fixed by $TRIMO_RUN_ID" >> fix.txt && git add fix.txt && git commit -qm "Fix the bug"
 test:
@@ -237,6 +239,7 @@ def app(
             # The one secret these tests grant; others are refused (see the secrets tests).
             secrets={"DEPLOY_TOKEN": {"repos": [REPO]}},
             workers=2,
+            public_url=PUBLIC_URL,
         )
         store = Store(settings.database_url)
         from webhooks.app import create_app
@@ -327,6 +330,11 @@ def test_labelled_issue_becomes_a_tested_branch_a_draft_pr_and_reports(
     comments = [c for c in app.fake.comments_on(REPO, issue["number"]) if "trimo:run" in c["body"]]
     assert len(comments) == 1
     assert "2 passed" in comments[0]["body"] and "1 skipped" in comments[0]["body"]
+    # Both link to the run's page.
+    assert f"]({PUBLIC_URL}/runs/{run_id})" in comments[0]["body"]
+    assert all(
+        c["details_url"] == f"{PUBLIC_URL}/runs/{run_id}" for c in app.fake.check_runs.values()
+    )
     # One check run, completed on the commit the run pushed (the draft PR's head), none on the
     # default branch's commits.
     head = git(app.remote, "rev-parse", branch)
@@ -421,6 +429,33 @@ def test_stop_during_agent_cancels_the_run_and_the_check(
     assert f"**Why:** stopped by @{WRITER}" in app.tracking(run.id)
     # It pushed nothing: its report is the comment alone, no check run on any commit.
     assert app.fake.check_runs == {}
+
+
+def test_the_report_shows_agent_while_it_works_and_a_pr_check_run_exists_from_queued(
+    app: App,
+) -> None:
+    # Reports are coalesced as in production (not posted on every change, as elsewhere here).
+    app.service.edit_interval = 1.0
+    head = git(app.remote, "rev-parse", "HEAD")
+    git(app.remote, "update-ref", "refs/heads/feature", head)
+    pull = app.fake.add_pull(REPO, head="feature", head_sha=head, title="Slow work")
+    app.say(pull["number"], "/trimo run work BRIEFLY", WRITER, pull=True)
+    app.wait_for(lambda: app.store.list_runs())
+    run_id = app.store.list_runs()[0].id
+    app.wait_for(lambda: app.fake.check_runs)
+    (check,) = app.fake.check_runs.values()
+    # Created while the run waited in the queue, on the pull request's head.
+    assert check["head_sha"] == head
+    assert app.fake.check_run_history[check["id"]][0]["status"] == "queued"
+
+    app.wait_for(lambda: app.store.get_run(run_id).state == RunState.AGENT, timeout=60)
+    # Within the edit interval (and a write) of the agent starting, GitHub shows it.
+    app.wait_for(lambda: f"Trimo run #{run_id}: agent" in app.tracking(run_id), timeout=3)
+    assert app.store.get_run(run_id).state == RunState.AGENT  # the agent is still working
+    assert app.fake.check_runs[check["id"]]["status"] == "in_progress"
+    assert app.wait_finished(run_id) == RunState.SUCCEEDED
+    app.wait_for(lambda: "succeeded" in app.tracking(run_id))
+    assert app.fake.check_runs[check["id"]]["conclusion"] == "success"
 
 
 # ---- helpers for the tests below ---------------------------------------------------------------

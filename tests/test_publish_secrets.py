@@ -8,10 +8,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from markupsafe import escape
 
+from bot.settings import Settings
 from bot.states import RunState
 from tests.containers import git, make_repo
 from tests.test_run_engine import Trimo, branches
+from ui.app import create_app
 
 pytestmark = pytest.mark.docker
 
@@ -96,6 +99,14 @@ def test_a_secret_in_the_result_is_not_pushed_and_the_run_is_rejected(
     everything = "\n".join([r.stdout, r.stderr, shown, *stored, str(run.report), run.reason or ""])
     for variant in VARIANTS:
         assert variant not in everything
+
+    # The run's page names the refusal but serves none of the commits' content.
+    page = create_app(Settings(data_dir=trimo.data_dir), store).test_client().get("/runs/1")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert "Not shown: the commits hold the value of a secret" in html
+    for variant in VARIANTS:
+        assert variant not in html and escape(variant) not in html
 
     # The work stays with the run: the operator can read it.
     patch = subprocess.run(

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -228,7 +229,7 @@ def test_one_comment_and_one_check_run_per_run(
     clock.now += 11
     assert reporter.on_phase(view(RunState.PREPARING))
     clock.now += 1
-    assert not reporter.on_phase(view(RunState.BOOTING))  # too soon: skipped
+    assert not reporter.on_phase(view(RunState.BOOTING))  # too soon: waits
     reporter.on_finished(
         view(RunState.SUCCEEDED, tests=TestReport(passed=3), failures=[], phase=RunState.PUBLISHING)
     )
@@ -247,6 +248,68 @@ def test_one_comment_and_one_check_run_per_run(
         "completed",
     ]
     assert len(fake_github.requests_to("PATCH", r"/issues/comments/")) == 2
+
+
+def test_phases_within_the_interval_are_coalesced_into_the_latest_never_dropped(
+    fake_github: FakeGitHub, client: GitHubClient
+) -> None:
+    clock = Clock()
+    reporter = Reporter(client, DictIds(), edit_interval=3, clock=clock, background=False)
+    reporter.on_queued(view(RunState.QUEUED))
+    clock.now += 0.5
+    assert not reporter.on_phase(view(RunState.PREPARING))
+    clock.now += 0.5
+    assert not reporter.on_phase(view(RunState.BOOTING))
+    clock.now += 0.5
+    assert not reporter.on_phase(view(RunState.AGENT))
+    assert reporter.flush_due() == pytest.approx(1.5)  # not due yet: nothing posted
+    (comment,) = fake_github.comments_on("octo/hello", 1)
+    assert "queued" in comment["body"].splitlines()[1]
+
+    clock.now += 1.5  # the interval since the queued edit is over
+    assert reporter.flush_due() is None
+    (comment,) = fake_github.comments_on("octo/hello", 1)
+    # The latest phase, not the first one that waited.
+    assert "Trimo run #7: agent" in comment["body"]
+    assert len(fake_github.requests_to("PATCH", r"/issues/comments/")) == 1
+    (check,) = fake_github.check_runs.values()
+    assert check["status"] == "in_progress"
+
+
+def test_the_final_state_is_posted_at_once_and_no_waiting_phase_follows_it(
+    fake_github: FakeGitHub, client: GitHubClient
+) -> None:
+    clock = Clock()
+    reporter = Reporter(client, DictIds(), edit_interval=3, clock=clock, background=False)
+    reporter.on_queued(view(RunState.QUEUED))
+    clock.now += 1
+    reporter.on_phase(view(RunState.TESTING))
+    reporter.on_finished(view(RunState.FAILED, failures=FAILURES))
+    clock.now += 10
+    assert reporter.flush_due() is None
+    assert not reporter.on_phase(view(RunState.TESTING))  # a straggler after the end
+    (comment,) = fake_github.comments_on("octo/hello", 1)
+    assert "❌ Trimo run #7 failed" in comment["body"]
+    (check,) = fake_github.check_runs.values()
+    assert check["conclusion"] == "failure"
+
+
+def test_a_waiting_phase_is_posted_by_the_reporters_own_thread(
+    fake_github: FakeGitHub, client: GitHubClient
+) -> None:
+    reporter = Reporter(client, DictIds(), edit_interval=0.5)
+    try:
+        reporter.on_queued(view(RunState.QUEUED))
+        assert not reporter.on_phase(view(RunState.AGENT))
+        started = time.monotonic()
+        body = ""
+        while time.monotonic() - started < 5 and "Trimo run #7: agent" not in body:
+            time.sleep(0.05)
+            (comment,) = fake_github.comments_on("octo/hello", 1)
+            body = comment["body"]
+        assert "Trimo run #7: agent" in body
+    finally:
+        reporter.close()
 
 
 def test_a_new_reporter_with_the_same_ids_edits(

@@ -38,7 +38,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def test_serve_refuses_to_start_without_the_app_id(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "bot", "serve"],
-        env=_env(tmp_path),
+        env=_env(tmp_path, TRIMO_WEBHOOK_SECRET=SECRET),
         capture_output=True,
         text=True,
         timeout=60,

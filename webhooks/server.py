@@ -67,6 +67,7 @@ def serve(
     on_starting: Callable[[Any], None] | None = None,
     on_exit: Callable[[Any], None] | None = None,
     access_log: bool = False,
+    after_fork: Callable[[], None] | None = None,
 ) -> None:
     """Serve `app` until stopped (SIGTERM / SIGINT); blocks.
 
@@ -87,7 +88,10 @@ def serve(
 
     def load(_target: str) -> Flask:
         # Runs in each worker, just after fork.
-        receiver_of(app).after_fork()
+        if after_fork is not None:
+            after_fork()
+        else:
+            receiver_of(app).after_fork()
         return app
 
     server.serve(target_loader=load)

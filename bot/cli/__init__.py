@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 
@@ -11,17 +10,23 @@ from bot.cli.image import image
 from bot.cli.run import demo, run
 from bot.cli.runs import runs
 from bot.cli.serve import serve, worker
+from bot.cli.ui import ui
+from bot.logs import configure
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
-def cli(verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="TRIMO_LOG_FORMAT",
+    show_default=True,
+    help="json: one object per line, with the run and delivery ids (TRIMO_LOG_FORMAT).",
+)
+def cli(verbose: bool, log_format: str) -> None:
     """Trimo: dispatch coding agents into isolated development containers."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(logging.DEBUG if verbose else logging.WARNING, log_format)
 
 
 cli.add_command(image)
@@ -30,6 +35,7 @@ cli.add_command(demo)
 cli.add_command(serve)
 cli.add_command(worker)
 cli.add_command(runs)
+cli.add_command(ui)
 
 
 def main() -> None:

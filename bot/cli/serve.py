@@ -47,6 +47,7 @@ def _auth(settings: Settings) -> AppAuth:
 
 def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
     from bot.github.service import GitHubService
+    from bot.health import StatusWriter
     from bot.worker import WorkerPool
 
     app = open_app(settings_path, need_engine=True)
@@ -71,7 +72,9 @@ def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
             return None
         return service.observer_for(run)
 
-    pool = WorkerPool(app.engine(), app.store, context_for, observer_for, size=settings.workers)
+    engine = app.engine()
+    pool = WorkerPool(engine, app.store, context_for, observer_for, size=settings.workers)
+    status = StatusWriter(settings.data_dir, engine.owner, engine.runtime.problem).start()
     threads = [threading.Thread(target=pool.run_forever, name="trimo-runs", daemon=True)]
     if service is not None:
         threads.append(
@@ -85,6 +88,7 @@ def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
         f"trimo worker: {settings.workers} run slot(s), data in {settings.data_dir}", err=True
     )
     stop.wait()
+    status.stop()
     pool.stop(wait=False)
 
 
@@ -131,6 +135,10 @@ def serve(
     settings_path: Path | None, http_workers: int, host: str | None, port: int | None
 ) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
+    from bot.health import read_statuses
+    from bot.metrics import RunMetrics
+    from ui.app import HTTP_THREADS
+    from ui.app import init_app as init_ui
     from webhooks.app import create_app
     from webhooks.server import serve as serve_http
 
@@ -138,11 +146,21 @@ def serve(
     flags = {name: value for name, value in (("host", host), ("port", port)) if value is not None}
     try:
         settings = Settings.load(settings_path, **flags)
+        if not settings.has_app:
+            _serve_setup(settings)
+            return
         settings.require_github()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
     store = Store(settings.database_url)
-    app = create_app(settings, store)
+    app = create_app(
+        settings,
+        store,
+        metrics=RunMetrics(store, settings.data_dir),
+        workers=lambda: read_statuses(settings.data_dir),
+        metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
+    )
+    init_ui(app, settings, store)
     env = dict(os.environ)
     if settings_path is not None:
         env["TRIMO_SETTINGS_FILE"] = str(settings_path)
@@ -167,6 +185,21 @@ def serve(
         settings.host,
         settings.port,
         workers=http_workers,
+        threads=HTTP_THREADS,
         on_starting=on_starting,
         on_exit=on_exit,
     )
+
+
+def _serve_setup(settings: Settings) -> None:
+    """No GitHub App yet: serve the page that creates one, until stopped."""
+    from ui.setup import create_setup_app
+    from webhooks.server import serve as serve_http
+
+    where = settings.public_url or f"http://{settings.host}:{settings.port}"
+    click.echo(
+        f"trimo serve: no GitHub App is set up; open {where}/ to create one "
+        "(or set TRIMO_APP_ID, TRIMO_PRIVATE_KEY_PATH and TRIMO_WEBHOOK_SECRET)",
+        err=True,
+    )
+    serve_http(create_setup_app(settings), settings.host, settings.port, after_fork=lambda: None)

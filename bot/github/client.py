@@ -88,6 +88,33 @@ class PullInfo:
     maintainer_can_modify: bool = False
 
 
+class CallStats:
+    """How many calls this process made to GitHub, by verb and outcome, and the rate limit
+    GitHub said was left (what /metrics shows, through the worker's status file)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[tuple[str, str], int] = {}
+        self.rate_limit_remaining: int | None = None
+
+    def record(self, verb: str, outcome: str, headers: Mapping[str, Any] | None) -> None:
+        with self._lock:
+            self.calls[(verb, outcome)] = self.calls.get((verb, outcome), 0) + 1
+            left = {k.lower(): v for k, v in (headers or {}).items()}.get("x-ratelimit-remaining")
+            if left is not None and str(left).isdigit():
+                self.rate_limit_remaining = int(left)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "calls": [[verb, outcome, n] for (verb, outcome), n in sorted(self.calls.items())],
+                "rate_limit_remaining": self.rate_limit_remaining,
+            }
+
+
+CALLS = CallStats()
+
+
 class _WriteGate:
     """Serializes and spaces the writes of one installation, across every client instance."""
 
@@ -475,14 +502,17 @@ class GitHubClient:
                     self._sleep(pause)
             maybe_done = False
             try:
-                return self._requester.requestJsonAndCheck(
+                answer = self._requester.requestJsonAndCheck(
                     verb,
                     path,
                     parameters=dict(params) if params else None,
                     input=dict(body) if body is not None else None,
                 )
+                CALLS.record(verb, "ok", answer[0])
+                return answer
             except GithubException as error:
                 headers = {k.lower(): v for k, v in (error.headers or {}).items()}
+                CALLS.record(verb, str(error.status), headers)
                 message = _error_message(error)
                 if _is_rate_limit(error.status, headers, message):
                     rate_limited += 1
@@ -498,6 +528,7 @@ class GitHubClient:
                     ) from None
                 last, last_status = f"HTTP {error.status} {message}".strip(), error.status
             except requests.RequestException as error:
+                CALLS.record(verb, "connection_error", None)
                 wait, maybe_done = self._backoff_wait(attempt), True
                 last, last_status = type(error).__name__, 0
             finally:

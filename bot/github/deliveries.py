@@ -17,6 +17,7 @@ from typing import Any
 
 from bot.errors import TrimoError
 from bot.intents import Intent, intents_from
+from bot.logs import about_delivery
 from bot.store import Delivery, Store
 
 log = logging.getLogger(__name__)
@@ -103,16 +104,18 @@ class DeliveryLanes:
     def process(self, delivery: Delivery) -> None:
         """Act on one delivery's intents, then mark it processed (with the error, if any)."""
         error = None
-        try:
-            for intent in intents_from(delivery.intents):
-                self._handle(intent)
-        except TrimoError as exc:
-            # Said on purpose (GitHub refused, not one of Trimo's check runs): the reason is enough.
-            log.warning("delivery %s failed: %s", delivery.delivery_id, exc)
-            error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:
-            log.exception("delivery %s failed", delivery.delivery_id)
-            error = f"{type(exc).__name__}: {exc}"
+        with about_delivery(delivery.delivery_id):
+            try:
+                for intent in intents_from(delivery.intents):
+                    self._handle(intent)
+            except TrimoError as exc:
+                # Said on purpose (GitHub refused, not one of Trimo's check runs): the reason
+                # is enough.
+                log.warning("delivery %s failed: %s", delivery.delivery_id, exc)
+                error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                log.exception("delivery %s failed", delivery.delivery_id)
+                error = f"{type(exc).__name__}: {exc}"
         self.store.finish_delivery(delivery.delivery_id, error)
 
     def _lane(self, name: str) -> _Lane:

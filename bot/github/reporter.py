@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -25,6 +26,10 @@ CHECK_NAME = "trimo"
 # The completed check run on the commit a run pushed (kind under which its id is kept).
 RESULT_CHECK = "check_run_result"
 TAIL_LINES = 30
+# Live edits of one run at most this often: a few seconds keeps the comment current without
+# spending the installation's write budget (writes go one at a time, 1 s apart).
+EDIT_INTERVAL_SECONDS = 3.0
+IDLE_WAIT_SECONDS = 5.0
 TAIL_LINE_MAX = 300
 
 MARKER = "<!-- trimo:run={run_id} -->"
@@ -69,6 +74,7 @@ CONCLUSIONS = {
     # Someone with write access has to approve or trigger it: that is GitHub's "action required".
     RunState.REJECTED: "action_required",
 }
+log = logging.getLogger(__name__)
 _ANY_MARKER = re.compile(r"<!--\s*trimo:[^>]*-->")
 
 
@@ -288,7 +294,7 @@ def _links(view: RunView) -> str:
     if view.pr_url:
         parts.append(f"**Pull request:** {view.pr_url}")
     if view.log_url:
-        parts.append(f"**Log:** [full log]({view.log_url})")
+        parts.append(f"**Run page:** [live log and results]({view.log_url})")
     return " · ".join(parts)
 
 
@@ -420,39 +426,140 @@ def _annotations(view: RunView) -> list[dict[str, Any]]:
 
 
 class Reporter:
-    """Posts a run's comment and check run once, then edits them; live edits are throttled."""
+    """Posts a run's comment and check run once, then edits them.
+
+    Live edits of one run are coalesced, never dropped: a phase change that comes less than
+    `edit_interval` after the last edit is kept as the run's pending view and posted when the
+    interval is over (by `flush_due`, which a background thread calls), so no phase is shown for
+    longer than `edit_interval` after it ended. The final state is always posted at once.
+    """
 
     def __init__(
         self,
         client: GitHubClient,
         ids: IdStore,
         *,
-        edit_interval: float = 10.0,
+        edit_interval: float = EDIT_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
     ) -> None:
         self._client = client
         self._ids = ids
         self.edit_interval = edit_interval
         self._clock = clock
         self._last_edit: dict[int, float] = {}
+        self._pending: dict[int, RunView] = {}
+        self._finished: set[int] = set()
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        # One report of a run at a time: a deferred edit must never land after the final one.
+        self._run_locks: dict[int, threading.Lock] = {}
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self._background = background
 
     def on_queued(self, view: RunView) -> None:
-        self._publish(view)
+        with self._run_lock(view.run_id):
+            self._publish(view)
 
     def on_phase(self, view: RunView) -> bool:
-        """Show the new phase unless the run was edited less than `edit_interval` ago."""
+        """Show the new phase now, or once `edit_interval` has passed since the last edit.
+
+        True when it was posted now, False when it waits (a later phase replaces it)."""
         with self._lock:
+            if view.run_id in self._finished:
+                return False
             last = self._last_edit.get(view.run_id)
             if last is not None and self._clock() - last < self.edit_interval:
+                self._pending[view.run_id] = view
+                self._start_flusher()
+                self._wake.notify_all()
                 return False
-        self._publish(view)
+            self._pending.pop(view.run_id, None)
+        with self._run_lock(view.run_id):
+            self._publish(view)
         return True
 
     def on_finished(self, view: RunView) -> None:
-        self._publish(view)
+        with self._lock:
+            self._finished.add(view.run_id)
+            self._pending.pop(view.run_id, None)
+        with self._run_lock(view.run_id):
+            self._publish(view)
         with self._lock:
             self._last_edit.pop(view.run_id, None)
+            self._run_locks.pop(view.run_id, None)
+
+    def pending(self) -> dict[int, RunView]:
+        """The views waiting for their interval to pass, by run id."""
+        with self._lock:
+            return dict(self._pending)
+
+    def flush_due(self) -> float | None:
+        """Post every pending view whose interval has passed; seconds until the next is due."""
+        while True:
+            with self._lock:
+                now = self._clock()
+                due = [
+                    run_id
+                    for run_id in self._pending
+                    if now - self._last_edit.get(run_id, float("-inf")) >= self.edit_interval
+                ]
+                if not due:
+                    waits = [
+                        self._last_edit.get(run_id, now) + self.edit_interval - now
+                        for run_id in self._pending
+                    ]
+                    return max(min(waits), 0.0) if waits else None
+                run_id = due[0]
+                view = self._pending.pop(run_id)
+            try:
+                with self._run_lock(run_id):
+                    # The final report may have gone out while this one waited for the lock.
+                    if run_id in self._finished:
+                        continue
+                    self._publish(view)
+            except Exception:
+                log.exception("run %s: deferred report failed; retrying", run_id)
+                with self._lock:
+                    self._pending.setdefault(run_id, view)
+                    self._last_edit[run_id] = self._clock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+
+    def _run_lock(self, run_id: int) -> threading.Lock:
+        with self._lock:
+            return self._run_locks.setdefault(run_id, threading.Lock())
+
+    def _start_flusher(self) -> None:
+        # Called with self._lock held.
+        if not self._background or self._flusher is not None:
+            return
+        self._flusher = threading.Thread(
+            target=self._flush_forever, name="trimo-report", daemon=True
+        )
+        self._flusher.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            self.flush_due()
+            with self._lock:
+                if self._closed:
+                    return
+                # Computed under the lock that on_phase notifies under: a view that came in
+                # since flush_due looked is waited for, not slept past.
+                now = self._clock()
+                waits = [
+                    self._last_edit.get(run_id, now) + self.edit_interval - now
+                    for run_id in self._pending
+                ]
+                if waits:
+                    self._wake.wait(max(min(waits), 0.01))
+                else:
+                    self._wake.wait(IDLE_WAIT_SECONDS)
 
     def _publish(self, view: RunView) -> None:
         owner, repo = view.repo.split("/", 1)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from bot.github.forks import is_fork
 from bot.github.reporter import RunView
 from bot.junit import TestReport
+from bot.logs import about_run
 from bot.states import PHASES, PipelineKind, RunState
 from bot.store import Pipeline, Run, Store
 
@@ -147,6 +148,7 @@ class RunReports:
             if run.state == RunState.CANCELLED and run.cancel_reason
             else run.reason,
             superseded_by=run.superseded_by,
+            log_url=self.service.settings.run_url(run.id),
             commits=[(c[0], c[1]) for c in report.get("commits", [])],
             blocked=list(report.get("network_blocked", [])),
             usage=run.usage,
@@ -190,10 +192,11 @@ class ReportObserver:
         self.reports = reports
 
     def state(self, run: Run) -> None:
-        try:
-            self.reports.report(self.reports.store.get_run(run.id))
-        except Exception:
-            log.exception("run %s: report failed", run.id)
+        with about_run(run.id):
+            try:
+                self.reports.report(self.reports.store.get_run(run.id))
+            except Exception:
+                log.exception("run %s: report failed", run.id)
 
     def logs(self, run: Run, lines: list[str]) -> None:
         pass

@@ -23,7 +23,7 @@ from bot.github.client import GitHubClient
 from bot.github.commands import Commands
 from bot.github.deliveries import DeliveryLanes
 from bot.github.forks import ForkGate, is_fork
-from bot.github.reporter import Reporter, RunView
+from bot.github.reporter import EDIT_INTERVAL_SECONDS, Reporter, RunView
 from bot.github.run_reports import PostedIds, ReportObserver, RunReports
 from bot.intents import (
     ApproveIntent,
@@ -49,7 +49,7 @@ class GitHubService:
         store: Store,
         auth: AppAuth,
         write_interval: float = 1.0,
-        edit_interval: float = 10.0,
+        edit_interval: float = EDIT_INTERVAL_SECONDS,
     ) -> None:
         self.settings = settings
         self.store = store
