@@ -24,7 +24,7 @@ from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.docker
 
-TICKS = 40
+TICKS = 60
 AGENT = (
     f'for i in $(seq 1 {TICKS}); do echo "tick $i $(date +%s%3N)"; sleep 0.25; done; '
     "echo hello > hello.txt && git add hello.txt && git commit -qm 'Say hello'"
@@ -138,11 +138,19 @@ def test_a_live_run_page_streams_lines_within_a_second_and_a_cut_loses_and_doubl
 
     browser.get(f"{url}/runs/{run_id}")
     browser.execute_script(OBSERVE)
+    # Enough lines seen arriving live (not in the page as first served) to judge their delay,
+    # then a second more so each of them was printed well before the cut.
     _wait(
-        lambda: any(line.startswith("tick 10 ") for line in browser.execute_script(LINES)),
+        lambda: (
+            browser.execute_script(
+                "return Object.keys(window.seen).filter(k => k.startsWith('tick ')).length;"
+            )
+            >= 6
+        ),
         30,
-        "tick 10 on the page",
+        "six ticks arriving on the open page",
     )
+    time.sleep(1.1)
     proxy_cut_ms = time.time() * 1000
     # The connection drops (the proxy plays the network), for longer than the retry delay.
     proxy.cut()
