@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
 import threading
 from types import TracebackType
+
+from tests.tcp_proxy import pump
 
 _REQUEST = re.compile(rb"(?:^|\r\n)(GET|POST|PUT|DELETE|HEAD) (\S+) HTTP/1\.[01]\r\n")
 
@@ -41,21 +42,13 @@ class EngineProxy:
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if record:
-                    with self._lock:
-                        self.requests.extend(
-                            (m.group(1).decode(), m.group(2).decode())
-                            for m in _REQUEST.finditer(data)
-                        )
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        pump(src, dst, self._record if record else None)
+
+    def _record(self, data: bytes) -> None:
+        with self._lock:
+            self.requests.extend(
+                (m.group(1).decode(), m.group(2).decode()) for m in _REQUEST.finditer(data)
+            )
 
     def paths(self, method: str | None = None) -> list[str]:
         with self._lock:

@@ -5,7 +5,26 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
+
+
+def pump(
+    src: socket.socket, dst: socket.socket, seen: Callable[[bytes], None] | None = None
+) -> None:
+    """Copy src to dst until either side closes (each chunk shown to `seen` first), then shut
+    both down so the other direction ends too."""
+    try:
+        while data := src.recv(65536):
+            if seen is not None:
+                seen(data)
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 class CuttableProxy:
@@ -61,15 +80,7 @@ class CuttableProxy:
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        pump(src, dst)
 
     def close(self) -> None:
         self._closed = True

@@ -450,9 +450,15 @@ def test_the_report_shows_agent_while_it_works_and_a_pr_check_run_exists_from_qu
 
     app.wait_for(lambda: app.store.get_run(run_id).state == RunState.AGENT, timeout=60)
     # Within the edit interval (and a write) of the agent starting, GitHub shows it.
-    app.wait_for(lambda: f"Trimo run #{run_id}: agent" in app.tracking(run_id), timeout=3)
+    # The comment and the check run are two writes of one flush: wait for both, not one.
+    app.wait_for(
+        lambda: (
+            f"Trimo run #{run_id}: agent" in app.tracking(run_id)
+            and app.fake.check_runs[check["id"]]["status"] == "in_progress"
+        ),
+        timeout=3,
+    )
     assert app.store.get_run(run_id).state == RunState.AGENT  # the agent is still working
-    assert app.fake.check_runs[check["id"]]["status"] == "in_progress"
     assert app.wait_finished(run_id) == RunState.SUCCEEDED
     app.wait_for(lambda: "succeeded" in app.tracking(run_id))
     assert app.fake.check_runs[check["id"]]["conclusion"] == "success"

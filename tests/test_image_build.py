@@ -27,7 +27,8 @@ def context(tmp_path: Path) -> Path:
     ctx = tmp_path / ".trimo"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(DOCKERFILE)
-    (ctx / "hello.txt").write_text("hello\n")
+    # Unique per test: an image another session left on the engine can never be this one's hit.
+    (ctx / "hello.txt").write_text(f"hello {uuid.uuid4().hex}\n")
     return ctx
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import browser  # noqa: F401
 from tests.conftest import GITHUB_FIXTURES
@@ -97,8 +98,12 @@ def test_the_app_is_created_from_the_page_and_the_next_start_uses_it(
             _wait_up(url + "/", first)
             browser.get(url + "/")
             browser.find_element("id", "create").click()
+            # The click returns before GitHub's round trip does: wait for the page it ends on.
+            WebDriverWait(browser, 30).until(
+                lambda b: "created" in b.find_element("tag name", "body").text
+            )
             text = browser.find_element("tag name", "body").text
-            assert "created" in text and str(data / "github-app.toml") in text
+            assert str(data / "github-app.toml") in text
         finally:
             _stop(first)
 
