@@ -16,12 +16,14 @@ from sqlalchemy.engine import make_url
 from bot.agents import PRESETS
 from bot.egress import PROXY_IMAGE
 from bot.gateway.sidecar import GATEWAY_IMAGE
-from bot.images import BASE_IMAGE, LABEL_CONTEXT, ensure_base
+from bot.images import BASE_IMAGE, LABEL_CONTEXT
 from bot.runtime import LABEL_OWNER, DockerRuntime
 from bot.store import Store
+from tests.agent_layers import PREBUILD, ensure_test_base
 from tests.containers import TEST_OWNER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+AGENT_TESTS = "test_agents.py"
 
 
 # GitHub's published material the tests use (webhook payloads, the OpenAPI subset, the HMAC test
@@ -111,9 +113,18 @@ def base_image(docker_client: docker.DockerClient) -> str:
     With the extra CA certificates `trimo run` would add (TRIMO_EXTRA_CA_CERTS), so the runs a
     test drives reuse this image instead of building another base under it.
     """
-    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
-    ensure_base(docker_client, extra_ca_certs=Path(extra) if extra else None)
+    ensure_test_base(docker_client)
     return BASE_IMAGE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The agent tests run last, and the images they need start building now, in the background
+    (tests/agent_layers.py): minutes of npm and pip overlap the rest of the suite."""
+    agents = [item for item in items if item.path.name == AGENT_TESTS]
+    if not agents or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.path.name != AGENT_TESTS] + agents
+    PREBUILD.start()
 
 
 # The PostgreSQL cluster scripts/test starts (scripts/setup: ensure_postgres); every store test

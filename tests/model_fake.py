@@ -277,6 +277,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _responses(self, body: dict[str, Any]) -> None:
         tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
         names = {str(t.get("name")) for t in tools}
+        # What the shell tool takes besides the command (e.g. how long to wait for it).
+        shell_params = {
+            str(p)
+            for t in tools
+            if t.get("name") == "exec_command"
+            for p in ((t.get("parameters") or {}).get("properties") or {})
+        }
         done = sum(
             1
             for item in body.get("input") or []
@@ -302,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
         )
         if step and step.action != "finish":
-            name, arguments = _shell_call(names, step.action)
+            name, arguments = _shell_call(names, step.action, shell_params)
             items.append(
                 {
                     "id": "fc_" + uuid.uuid4().hex[:16],
@@ -487,11 +494,17 @@ def _shell_command(action: str) -> str:
     return TEST_COMMAND
 
 
-def _shell_call(names: set[str], action: str) -> tuple[str, str]:
+def _shell_call(names: set[str], action: str, params: set[str] | None = None) -> tuple[str, str]:
     """The shell tool call in whichever shape the CLI offered."""
     command = _shell_command(action)
     if "exec_command" in names:
-        return "exec_command", json.dumps({"cmd": command, "workdir": WORKSPACE})
+        args: dict[str, Any] = {"cmd": command, "workdir": WORKSPACE}
+        if "yield_time_ms" in (params or set()):
+            # Wait for the tests to end, as a model running a test suite asks (Codex caps the
+            # wait at 30 s): on a busy machine they outlast the default 10 s, and the call would
+            # come back with the process still running.
+            args["yield_time_ms"] = 30_000
+        return "exec_command", json.dumps(args)
     if "shell_command" in names:
         return "shell_command", json.dumps({"command": command, "workdir": WORKSPACE})
     return "shell", json.dumps({"command": ["bash", "-lc", command], "workdir": WORKSPACE})

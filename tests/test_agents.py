@@ -22,13 +22,14 @@ from bot.engine import Engine, RunContext
 from bot.gateway.policy import ModelPolicy
 from bot.gateway.sidecar import GATEWAY_ALIAS
 from bot.runtime import EGRESS_NETWORK, LABEL_RUN, DockerRuntime
-from bot.sample import BUG_FILE, GOOD_LINE, TASK, make_sample_repo
+from bot.sample import BUG_FILE, GOOD_LINE, TASK
 from bot.secrets import ServerSecrets
 from bot.settings import Settings
 from bot.states import PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import dispatch
 from bot.workspace import Remote, Workspace
+from tests.agent_layers import PREBUILD, extra_ca_certs, sample
 from tests.containers import TEST_OWNER, git
 from tests.model_fake import SESSION, ModelFake
 
@@ -36,18 +37,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 
 CANARY = "sk-canary-7Qm2vX-provider-key-never-in-a-container"
 KEYS = {"ANTHROPIC_API_KEY": CANARY, "OPENAI_API_KEY": CANARY}
-# One configuration for every preset (the preset is the run's `--agent`): the repository image,
-# whose context holds this file, is then built once, and each agent layer once on top of it.
-CONFIG = """test:
-  command: python3 -m pytest --junitxml="${{TRIMO_OUT:-.}}/junit.xml"
-  junit: junit.xml
-network: none
-{extra}"""
-
-
-def _extra_ca() -> Path | None:
-    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
-    return Path(extra) if extra else None
 
 
 def bridge_gateway(client: docker.DockerClient) -> str:
@@ -56,17 +45,16 @@ def bridge_gateway(client: docker.DockerClient) -> str:
     return str(client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"])
 
 
+@pytest.fixture(autouse=True)
+def _layers_built(base_image: str) -> None:
+    """The agent layers, started in the background at collection (tests/agent_layers.py)."""
+    PREBUILD.wait()
+
+
 @pytest.fixture
 def fake(docker_client: docker.DockerClient) -> Iterator[ModelFake]:
     with ModelFake(bridge_gateway(docker_client)) as server:
         yield server
-
-
-def sample(path: Path, extra: str = "") -> Path:
-    repo = make_sample_repo(path)
-    (repo / ".trimo" / "config.yml").write_text(CONFIG.format(extra=extra))
-    git(repo, "commit", "-qam", "Trimo: network none")
-    return repo
 
 
 @dataclass
@@ -147,7 +135,7 @@ def rig(tmp_path: Path, runtime: DockerRuntime, base_image: str, fake: ModelFake
                 secrets={name: {"value": value, "repos": ["*"]} for name, value in KEYS.items()},
             )
         ),
-        extra_ca_certs=_extra_ca(),
+        extra_ca_certs=extra_ca_certs(),
         models=ModelPolicy(
             anthropic_url=fake.url,
             openai_url=fake.url + "/v1",
