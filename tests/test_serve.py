@@ -174,3 +174,88 @@ def test_serve_refuses_a_port_out_of_range(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "--port" in r.stderr and "70000" in r.stderr
+
+
+def _worker_children(env_entry: str) -> list[int]:
+    """The `trimo worker` processes among those with this environment entry."""
+    found = []
+    for pid in _processes_with(env_entry):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in args:
+            found.append(pid)
+    return found
+
+
+def _healthz(url: str, deadline: float) -> requests.Response:
+    while time.monotonic() < deadline:
+        try:
+            return requests.get(f"{url}/healthz", timeout=1)
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise AssertionError("trimo serve did not come up")
+
+
+@pytest.mark.docker
+def test_serve_without_its_worker_needs_no_engine_and_sees_the_workers_beside_it(
+    tmp_path: Path,
+) -> None:
+    """deploy/compose.yml: the receiver holds no engine; workers elsewhere share its database
+    and their status folder, and /healthz counts them."""
+    port = _free_port()
+    common = {
+        "TRIMO_APP_ID": "1",
+        "TRIMO_PRIVATE_KEY": app_private_key(),
+        "TRIMO_WEBHOOK_SECRET": SECRET,
+        "TRIMO_DATABASE_URL": f"sqlite:///{tmp_path / 'shared' / 'trimo.db'}",
+        "TRIMO_PORT": str(port),
+    }
+    serve_env = _env(tmp_path, **common, DOCKER_HOST=f"unix://{tmp_path / 'no-engine.sock'}")
+    serve_env["TRIMO_DATA_DIR"] = str(tmp_path / "serve")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "bot", "serve", "--no-worker"],
+        env=serve_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    worker: subprocess.Popen[str] | None = None
+    url = f"http://127.0.0.1:{port}"
+    try:
+        r = _healthz(url, time.monotonic() + 60)
+        assert r.status_code == 503
+        assert r.json()["status"] == "no worker reported in the last 30 s"
+        assert _worker_children(f"TRIMO_PORT={port}") == []
+        # A worker with a data folder of its own, whose status folder is the receiver's (the
+        # volume both mount in compose.yml), on the engine the tests use.
+        worker_dir = tmp_path / "worker"
+        worker_dir.mkdir()
+        (tmp_path / "serve" / "workers").mkdir(parents=True, exist_ok=True)
+        (worker_dir / "workers").symlink_to(tmp_path / "serve" / "workers")
+        worker_env = _env(tmp_path, **common)
+        worker_env["TRIMO_DATA_DIR"] = str(worker_dir)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "bot", "worker"],
+            env=worker_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while (r := _healthz(url, deadline)).status_code != 200 and time.monotonic() < deadline:
+            assert worker.poll() is None, worker.communicate()[0]
+            time.sleep(0.5)
+        assert r.status_code == 200, r.text
+        [seen] = r.json()["workers"]
+        assert seen["worker"].split(":")[1] == str(worker.pid) and seen["engine"] is True
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        serve.send_signal(signal.SIGTERM)
+        output = serve.communicate(timeout=60)[0]
+    assert serve.returncode == 0, output
+    assert worker.returncode == 0
+    assert _processes_with(f"TRIMO_PORT={port}") == []

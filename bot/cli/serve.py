@@ -131,8 +131,20 @@ def worker(settings_path: Path | None) -> None:
     type=click.IntRange(1, 65535),
     help="Port to listen on, over TRIMO_PORT (default 8000).",
 )
+@click.option(
+    "--worker/--no-worker",
+    "with_worker",
+    default=True,
+    show_default=True,
+    help="Start a worker beside the receiver; --no-worker when `trimo worker`s run elsewhere "
+    "on the same database (the receiver then needs no Docker engine).",
+)
 def serve(
-    settings_path: Path | None, http_workers: int, host: str | None, port: int | None
+    settings_path: Path | None,
+    http_workers: int,
+    host: str | None,
+    port: int | None,
+    with_worker: bool,
 ) -> None:
     """The GitHub App: the webhook receiver (Granian) and the workers, in one command."""
     from bot.health import read_statuses
@@ -167,6 +179,8 @@ def serve(
     child: list[subprocess.Popen[bytes]] = []
 
     def on_starting(_server: Any) -> None:
+        if not with_worker:
+            return
         child.append(subprocess.Popen([sys.executable, "-m", "bot", "worker"], env=env))
 
     def on_exit(_server: Any) -> None:
