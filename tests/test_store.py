@@ -81,6 +81,21 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_busy_timeout(tmp_path: 
             assert (conn.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 5000
 
 
+def test_a_run_field_without_its_column_is_refused_when_the_store_loads() -> None:
+    from dataclasses import dataclass
+
+    from bot.store.models import _reader
+    from bot.store.records import PipelineRecord
+
+    @dataclass(frozen=True)
+    class Wider:
+        id: int
+        colour: str
+
+    with pytest.raises(TypeError, match=r"fields without a column \['colour'\]"):
+        _reader(Wider, PipelineRecord, {}, {})
+
+
 # -- pipelines ---------------------------------------------------------------------------------
 
 
@@ -334,7 +349,7 @@ def test_a_delivery_taken_by_a_worker_that_died_is_claimed_again_below_newer_one
         store.finish_delivery(expected)
     assert store.claim_delivery() is None
     assert store.pending_deliveries() == 1
-    monkeypatch.setattr("bot.store.DELIVERY_RETAKE_AFTER", timedelta(0))
+    monkeypatch.setattr("bot.store.deliveries.DELIVERY_RETAKE_AFTER", timedelta(0))
     again = store.claim_delivery()
     assert again is not None and again.delivery_id == "d-0"
 
@@ -385,9 +400,9 @@ def test_under_sustained_deliveries_the_wal_starts_over_instead_of_growing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Small thresholds, and SQLite's own checkpoint too far away to be what keeps it bounded.
-    monkeypatch.setattr("bot.store.CHECKPOINT_RESTART_PAGES", 300)
-    monkeypatch.setattr("bot.store.CHECKPOINT_REMAINDER_PAGES", 50)
-    monkeypatch.setattr("bot.store.CHECKPOINT_BACKSTOP_PAGES", 1_000_000)
+    monkeypatch.setattr("bot.store.sqlite.CHECKPOINT_RESTART_PAGES", 300)
+    monkeypatch.setattr("bot.store.sqlite.CHECKPOINT_REMAINDER_PAGES", 50)
+    monkeypatch.setattr("bot.store.sqlite.CHECKPOINT_BACKSTOP_PAGES", 1_000_000)
     wal = tmp_path / "trimo.db-wal"
     intents = json.dumps([{"body": "x" * 1300}])
     # Nothing but the checkpoint thread copies the WAL here, and a WAL starts over only once all

@@ -43,9 +43,9 @@ def test_forks_while_the_checkpoint_thread_is_busy_never_leave_a_child_hanging(
 ) -> None:
     # The checkpoint thread looks all the time and the WAL crosses its thresholds often, so it is
     # mostly inside a checkpoint; a writer thread keeps it fed.
-    monkeypatch.setattr("bot.store.CHECKPOINT_POLL_SECONDS", 0.001)
-    monkeypatch.setattr("bot.store.CHECKPOINT_RESTART_PAGES", 50)
-    monkeypatch.setattr("bot.store.CHECKPOINT_REMAINDER_PAGES", 10)
+    monkeypatch.setattr("bot.store.sqlite.CHECKPOINT_POLL_SECONDS", 0.001)
+    monkeypatch.setattr("bot.store.sqlite.CHECKPOINT_RESTART_PAGES", 50)
+    monkeypatch.setattr("bot.store.sqlite.CHECKPOINT_REMAINDER_PAGES", 10)
     passing = threading.Event()  # set while the checkpoint thread is inside a pass
     passes = [0]
     checkpoint = _Checkpointer._checkpoint

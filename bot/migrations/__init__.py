@@ -1,1 +1,1 @@
-"""Alembic migrations of the run store (see bot/store.py); run by `Store`, no alembic.ini."""
+"""Alembic migrations of the run store (see bot/store/); run by `Store`, no alembic.ini."""
