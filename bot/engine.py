@@ -63,7 +63,7 @@ from bot.protocol import (
     parse_line,
 )
 from bot.repoconfig import AGENT_ADAPTER, RepoConfig, parse_repo_config
-from bot.runtime import ContainerSpec, DockerRuntime, files_tar
+from bot.runtime import ENGINE_UNREACHABLE, ContainerSpec, DockerRuntime, files_tar
 from bot.secrets import MissingSecretError, Secrets
 from bot.secretscan import SecretInResult, refuse_secrets
 from bot.states import RunMode, RunState
@@ -106,6 +106,33 @@ DAILY_CAP_SPENT = (
     "the installation's daily model budget is spent (${spent:.2f} of ${cap:.2f} today, UTC): "
     "the agent did not start; raise daily_model_usd in Trimo's settings or wait until tomorrow"
 )
+ENGINE_RESTARTED = (
+    "the Docker engine at {url} restarted during the {phase} phase and stopped the run's "
+    "container with it; nothing was published: run it again"
+)
+ENGINE_GONE = (
+    "the Docker engine at {url} stopped answering during the {phase} phase and was not back "
+    "within {seconds}s ({detail}); what the run left there is removed once it answers again"
+)
+ENGINE_UNANSWERED = "the Docker engine at {url} could not be reached: {detail}"
+# A container that ended without a result may have been stopped by its engine going down: the
+# engine's watch may see the stream cut a moment after the container's end.
+ENGINE_SETTLE_SECONDS = 10.0
+# How long a run whose engine went away waits for it before its last words, so that its
+# containers and networks can still be removed.
+ENGINE_RETURN_SECONDS = 60.0
+# The exit codes with which a runner hands back a result of its own.
+_RESULT_CODES = frozenset(
+    {ExitCode.SUCCESS, ExitCode.TESTS_FAILED, ExitCode.AGENT_FAILED, ExitCode.PREBOOT_FAILED}
+)
+# What people call each phase in a reason.
+_PHASE_NAMES = {
+    RunState.PREPARING: "prepare",
+    RunState.BOOTING: "preboot",
+    RunState.AGENT: "agent",
+    RunState.TESTING: "test",
+    RunState.PUBLISHING: "publish",
+}
 MISSING_MODEL_KEY = (
     "agent preset {preset} calls the {provider} API, but the server has no {name} for it: set "
     "TRIMO_SECRET_{name} in Trimo's environment, or a value in [secrets.{name}] of its settings; "
@@ -165,9 +192,11 @@ class RunContext:
 class _Control:
     """Who may stop a run's container, and why it was stopped (the first reason wins)."""
 
-    def __init__(self, engine: Engine, run_id: int) -> None:
+    def __init__(self, engine: Engine, run_id: int, engine_breaks: int = 0) -> None:
         self.engine = engine
         self.run_id = run_id
+        # How often the engine had gone away when the run started (see EngineWatch).
+        self.engine_breaks = engine_breaks
         self.container_id: str | None = None
         self.reasons: list[RunState] = []
         self.detail: str | None = None
@@ -187,6 +216,10 @@ class _Control:
 
 class BudgetSpent(TrimoError):
     """The run may not call a model at all: its installation's daily cap is spent."""
+
+
+class EngineLost(TrimoError):
+    """The run's Docker engine stopped or restarted under it; the message says when."""
 
 
 @dataclass
@@ -247,7 +280,9 @@ class Engine:
         network: list[RunNetwork] = []
         gateway: Gateway | None = None
         gateway_network: str | None = None
-        control = _Control(self, run.id)
+        watch = self.runtime.watch()
+        watch.wait_connected(2)
+        control = _Control(self, run.id, watch.breaks)
         try:
             if ctx.refusal:
                 raise RunRefused(ctx.refusal)
@@ -308,10 +343,18 @@ class Engine:
             outcome = _Outcome(RunState.BUDGET_EXCEEDED, str(exc))
         except ImageBuildError as exc:
             outcome = _Outcome(RunState.ERROR, f"image build failed: {exc}", list(exc.tail))
-        except TrimoError as exc:
+        except EngineLost as exc:
             outcome = _Outcome(RunState.ERROR, str(exc))
+        except TrimoError as exc:
+            lost = self._engine_lost(run, control.engine_breaks, settle=0)
+            outcome = _Outcome(RunState.ERROR, lost or str(exc))
         except docker.errors.DockerException as exc:
-            outcome = _Outcome(RunState.ERROR, f"Docker engine error: {exc}")
+            lost = self._engine_lost(run, control.engine_breaks, ENGINE_SETTLE_SECONDS)
+            outcome = _Outcome(RunState.ERROR, lost or f"Docker engine error: {exc}")
+        except ENGINE_UNREACHABLE as exc:
+            lost = self._engine_lost(run, control.engine_breaks, ENGINE_SETTLE_SECONDS)
+            detail = ENGINE_UNANSWERED.format(url=self.runtime.url, detail=exc)
+            outcome = _Outcome(RunState.ERROR, lost or detail)
         except Exception as exc:
             log.exception("run %s failed unexpectedly", run.id)
             outcome = _Outcome(RunState.ERROR, f"internal error: {type(exc).__name__}: {exc}")
@@ -681,7 +724,7 @@ class Engine:
         preset: Preset | None = None,
     ) -> tuple[_Outcome, Path | None]:
         timeout = config.timeout_or(self.default_timeout)
-        control = control or _Control(self, run.id)
+        control = control or _Control(self, run.id, self.runtime.watch().breaks)
         control.container_id = cid
         stop = control.stop
         finished = threading.Event()
@@ -759,12 +802,42 @@ class Engine:
             code = self.runtime.wait(cid)
         finally:
             finished.set()
+        if not control.reasons and code != ExitCode.SUCCESS:
+            # Nobody here stopped it: was it its engine, going down?
+            settle = 0 if code in _RESULT_CODES else ENGINE_SETTLE_SECONDS
+            lost = self._engine_lost(run, control.engine_breaks, settle)
+            if lost is not None:
+                raise EngineLost(lost)
         out_dir = Path(tempfile.mkdtemp(prefix=f"trimo-run-{run.id}-"))
         self._fetch_results(run, cid, out_dir)
         outcome = _outcome(code, events, control.reasons, timeout)
         if outcome.state == RunState.BUDGET_EXCEEDED:
             outcome = _Outcome(outcome.state, BUDGET_EXCEEDED.format(spent=control.detail))
         return outcome, out_dir
+
+    def _engine_lost(self, run: Run, breaks: int, settle: float) -> str | None:
+        """Why the run ended, when its engine went away since it started (`breaks`; looking for
+        up to `settle` seconds); None when the engine stayed. Waits for the engine to be back,
+        so that what the run made there can still be removed."""
+        watch = self.runtime.watch()
+        deadline = time.monotonic() + settle
+        while watch.breaks == breaks:
+            if self.runtime.problem(fresh=True) is not None:
+                break
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)
+        state = self.store.get_run(run.id).state
+        phase = _PHASE_NAMES.get(state, state.value)
+        self.store.add_event(run.id, "engine", f"the Docker engine at {self.runtime.url} went away")
+        if self.runtime.wait_until_up(ENGINE_RETURN_SECONDS):
+            return ENGINE_RESTARTED.format(url=self.runtime.url, phase=phase)
+        return ENGINE_GONE.format(
+            url=self.runtime.url,
+            phase=phase,
+            seconds=int(ENGINE_RETURN_SECONDS),
+            detail=self.runtime.problem(fresh=True) or "no answer",
+        )
 
     def _steps(self, run: Run, steps: list[Step], masker: Masker, obs: Observer) -> None:
         """The agent's transcript: each step a run event, readable in `trimo runs logs`."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from typing import Any, Protocol
 
 import docker
 import docker.errors
+import requests.exceptions
+import urllib3.exceptions
 from docker.models.containers import Container
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,14 @@ PROXY_PIDS = 512
 
 # Bound what one tar member read from a container may weigh: reports and bundles, not disks.
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
+# What a call raises when the engine is not there at all (stopped, restarting, socket gone, a
+# stream cut): docker-py leaves the transport's errors unwrapped.
+ENGINE_UNREACHABLE = (
+    requests.exceptions.RequestException,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+)
+DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 
 
 @dataclass(frozen=True)
@@ -162,13 +174,90 @@ def files_tar(files: Mapping[str, bytes | str], uid: int = 0, mode: int = 0o644)
     return buf.getvalue()
 
 
+class EngineWatch:
+    """Counts the times the engine went away (a stop, a restart), as seen from this process.
+
+    It holds the engine's event stream open: the stream has no read timeout, so it ends only
+    when the engine closes it or its socket goes. A run compares the count at its start and at
+    a container's unexplained end to tell an engine restart from any other death.
+    """
+
+    def __init__(self, runtime: DockerRuntime) -> None:
+        self.runtime = runtime
+        self._breaks = 0
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="trimo-engine-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def breaks(self) -> int:
+        with self._lock:
+            return self._breaks
+
+    def wait_connected(self, seconds: float) -> bool:
+        return self._connected.wait(seconds)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _follow(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                stream = self.runtime.client.api.events(filters={"type": "daemon"}, decode=True)
+            except (docker.errors.DockerException, *ENGINE_UNREACHABLE):
+                self._stopped.wait(0.5)
+                continue
+            self._connected.set()
+            with contextlib.suppress(Exception):  # however it ends, the engine let go of it
+                for _event in stream:
+                    pass
+            self._connected.clear()
+            if self._stopped.is_set():
+                return
+            with self._lock:
+                self._breaks += 1
+            log.warning("the Docker engine at %s went away; waiting for it", self.runtime.url)
+            self._stopped.wait(0.5)
+
+
 class DockerRuntime:
     """Containers on a Docker engine (local socket or `base_url`)."""
 
-    def __init__(self, client: docker.DockerClient | None = None, base_url: str | None = None):
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        base_url: str | None = None,
+        url: str | None = None,
+    ):
         if client is None:
             client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
         self.client = client
+        # Given explicitly (else the environment's, as docker.from_env reads it).
+        self._given_url = url or base_url
+        # What people call this engine in messages: its DOCKER_HOST.
+        self.url = self._given_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+        self._watch: EngineWatch | None = None
+        self._watch_lock = threading.Lock()
+
+    def watch(self) -> EngineWatch:
+        """The engine's watch, started on first use (only long-lived processes need one)."""
+        with self._watch_lock:
+            if self._watch is None:
+                self._watch = EngineWatch(self)
+            return self._watch
+
+    def wait_until_up(self, seconds: float) -> bool:
+        """Wait until the engine answers a ping on a new connection; False when it did not
+        within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.problem(fresh=True) is None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
     def create(self, spec: ContainerSpec) -> str:
         memory = spec.memory_bytes or DEFAULT_MEMORY_BYTES
@@ -223,7 +312,8 @@ class DockerRuntime:
             self.client.api.remove_network(network_id)
         except docker.errors.NotFound:
             pass
-        except docker.errors.APIError as exc:
+        except (docker.errors.APIError, *ENGINE_UNREACHABLE) as exc:
+            # Without an engine the reaper removes it once the engine is back.
             log.warning("could not remove network %s: %s", network_id[:12], exc)
             return False
         return True
@@ -286,11 +376,27 @@ class DockerRuntime:
     def start(self, container_id: str) -> None:
         self.client.api.start(container_id)
 
-    def problem(self) -> str | None:
-        """None when the engine answers a ping, else what went wrong."""
+    def problem(self, fresh: bool = False) -> str | None:
+        """None when the engine answers a ping, else what went wrong.
+
+        `fresh` pings on a new connection: an engine that is shutting down still answers on
+        the connections it has, but takes no new one.
+        """
         try:
-            self.client.ping()
-        except (docker.errors.DockerException, OSError) as exc:
+            if not fresh:
+                self.client.ping()
+                return None
+            version = self.client.api.api_version
+            probe = (
+                docker.APIClient(base_url=self._given_url, version=version, timeout=5)
+                if self._given_url
+                else docker.from_env(version=version, timeout=5).api
+            )
+            try:
+                probe.ping()
+            finally:
+                probe.close()
+        except (docker.errors.DockerException, OSError, *ENGINE_UNREACHABLE) as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
 
@@ -309,11 +415,11 @@ class DockerRuntime:
         return int(self.client.api.wait(container_id)["StatusCode"])
 
     def stop(self, container_id: str, grace_seconds: int) -> None:
-        with contextlib.suppress(docker.errors.NotFound):
+        with contextlib.suppress(docker.errors.NotFound, *ENGINE_UNREACHABLE):
             self.client.api.stop(container_id, timeout=grace_seconds)
 
     def kill(self, container_id: str) -> None:
-        with contextlib.suppress(docker.errors.APIError):
+        with contextlib.suppress(docker.errors.APIError, *ENGINE_UNREACHABLE):
             self.client.api.kill(container_id)
 
     def _archive(self, container_id: str, path: str, max_bytes: int) -> io.BytesIO | None:
@@ -381,6 +487,9 @@ class DockerRuntime:
             # "removal already in progress" is fine; anything else is worth a line.
             if "already in progress" not in str(exc):
                 log.warning("could not remove container %s: %s", container_id[:12], exc)
+        except ENGINE_UNREACHABLE as exc:
+            # The reaper removes it once the engine answers again: the run is finished by then.
+            log.warning("could not remove container %s: %s", container_id[:12], exc)
 
     def exists(self, container_id: str) -> bool:
         try:

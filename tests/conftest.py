@@ -21,6 +21,7 @@ from bot.runtime import LABEL_OWNER, DockerRuntime
 from bot.store import Store
 from tests.agent_layers import PREBUILD, ensure_test_base
 from tests.containers import TEST_OWNER
+from tests.engines import SideEngine, side_engine, why_no_second_engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AGENT_TESTS = "test_agents.py"
@@ -166,4 +167,24 @@ def empty_database(backend: str, data_dir: Path) -> Iterator[str]:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database on each backend in turn."""
     with empty_database(request.param, tmp_path / "data") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def second_engine(docker_client: docker.DockerClient, base_image: str) -> Iterator[SideEngine]:
+    """A second Docker engine of the session's own (tests/engines.py), holding the main engine's
+    base, proxy and Debian images; stopped and removed, with its bridge and data, at the end."""
+    reason = why_no_second_engine()
+    if reason is not None:
+        pytest.skip(reason)
+    with side_engine(f"e{os.getpid() % 100000}", docker_client) as engine:
+        yield engine
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    """An empty PostgreSQL database, for tests whose processes share one store."""
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    with empty_database("postgresql", tmp_path / "data") as url:
         yield url

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import docker
 
 from bot.engine import Engine
 from bot.errors import SettingsError
-from bot.runtime import DockerRuntime
+from bot.runtime import DEFAULT_DOCKER_URL, DockerRuntime
 from bot.secrets import LocalSecrets, ServerSecrets
 from bot.settings import Settings
 from bot.store import Store
@@ -24,7 +26,10 @@ settings_option = click.option(
     type=click.Path(path_type=Path),
     help="Settings file (TOML); TRIMO_* environment variables override it.",
 )
-NO_ENGINE = "no Docker engine answers ({detail}); start dockerd or set DOCKER_HOST"
+NO_ENGINE = (
+    "no Docker engine answers at {url} ({detail}); start dockerd there, or point "
+    "--docker-url / TRIMO_DOCKER_URL / DOCKER_HOST at one"
+)
 
 
 @dataclass
@@ -64,14 +69,16 @@ def open_runtime(settings: Settings) -> DockerRuntime:
         )
         client.ping()
     except docker.errors.DockerException as exc:
-        raise click.ClickException(NO_ENGINE.format(detail=exc)) from exc
-    return DockerRuntime(client)
+        url = settings.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+        raise click.ClickException(NO_ENGINE.format(url=url, detail=exc)) from exc
+    return DockerRuntime(client, url=settings.docker_url)
 
 
-def open_app(settings_path: Path | None = None, need_engine: bool = False) -> App:
-    """Settings, store and (if it answers) the engine; leftovers of dead runs are reaped first."""
+def open_app(settings_path: Path | None = None, need_engine: bool = False, **overrides: Any) -> App:
+    """Settings (`overrides` over them, as given flags), store and (if it answers) the engine;
+    leftovers of dead runs are reaped first."""
     try:
-        settings = Settings.load(settings_path)
+        settings = Settings.load(settings_path, **overrides)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
     store = Store(settings.database_url)

@@ -45,12 +45,13 @@ def _auth(settings: Settings) -> AppAuth:
     return AppAuth(settings.app_id, pem, settings.api_url)
 
 
-def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
+def run_worker(settings_path: Path | None, stop: threading.Event, **overrides: Any) -> None:
+    """A worker until `stop`: `overrides` (given flags) win over the settings."""
     from bot.github.service import GitHubService
     from bot.health import StatusWriter
     from bot.worker import WorkerPool
 
-    app = open_app(settings_path, need_engine=True)
+    app = open_app(settings_path, need_engine=True, **overrides)
     settings = app.settings
     service: GitHubService | None = None
     if settings.app_id is not None:
@@ -85,7 +86,9 @@ def run_worker(settings_path: Path | None, stop: threading.Event) -> None:
     for t in threads:
         t.start()
     click.echo(
-        f"trimo worker: {settings.workers} run slot(s), data in {settings.data_dir}", err=True
+        f"trimo worker {engine.owner}: {settings.workers} run slot(s) on the Docker engine at "
+        f"{engine.runtime.url}, data in {settings.data_dir}",
+        err=True,
     )
     stop.wait()
     status.stop()
@@ -109,12 +112,29 @@ def _deliveries(service: GitHubService, stop: threading.Event) -> None:
 
 @click.command("worker")
 @settings_option
-def worker(settings_path: Path | None) -> None:
+@click.option(
+    "--docker-url",
+    help="The Docker engine this worker runs its runs on (unix:///…, tcp://host:2376, ssh://…), "
+    "over TRIMO_DOCKER_URL (default: DOCKER_HOST, else the local socket). One worker per engine: "
+    "workers on several engines or hosts share runs through one PostgreSQL (TRIMO_DATABASE_URL).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Runs this worker executes at once (its run slots), over TRIMO_WORKERS (default 2); "
+    "it claims a queued run only while a slot is free.",
+)
+def worker(settings_path: Path | None, docker_url: str | None, workers: int | None) -> None:
     """Run workers only: claim queued runs and webhook deliveries from the store."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_worker(settings_path, stop)
+    flags = {
+        name: value
+        for name, value in (("docker_url", docker_url), ("workers", workers))
+        if value is not None
+    }
+    run_worker(settings_path, stop, **flags)
 
 
 @click.command("serve")
