@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -40,6 +41,7 @@ from bot.worker import WorkerPool
 from bot.workspace import Workspace
 from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database
 from tests.containers import git, make_repo
+from tests.engines import needs_second_engine
 from tests.git_http import GitHttp, serve_git
 from tests.github_fake import FakeGitHub
 
@@ -200,9 +202,18 @@ def app(
 ) -> Iterator[App]:
     """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES, or with
     a dict of options: `write_interval` (seconds between writes per installation), `git_http`
-    (git over HTTP with installation tokens checked, instead of plain paths)."""
+    (git over HTTP with installation tokens checked, instead of plain paths), `second_engine`
+    (runs go to the session's second Docker engine, see tests/engines.py)."""
     param = getattr(request, "param", None)
     options: dict[str, Any] = param if isinstance(param, dict) else {}
+    engine_url: str | None = None
+    extra_ca: Path | None = None
+    if options.get("second_engine"):
+        second = request.getfixturevalue("second_engine")
+        docker_client, engine_url = second.client(), second.url
+        # The base it was given is the session's, which carries these (tests/conftest.py).
+        extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
+        extra_ca = Path(extra) if extra else None
     api = param if isinstance(param, str) else "https://api.github.com"
     remote = tmp_path / "remotes" / f"{REPO}.git"
     work = tmp_path / "work"
@@ -257,9 +268,10 @@ def app(
         engine = Engine(
             store,
             Workspace(settings.data_dir),
-            DockerRuntime(docker_client),
+            DockerRuntime(docker_client, url=engine_url),
             owner="pytest-app",
             secrets=ServerSecrets(settings),
+            extra_ca_certs=extra_ca,
         )
         pool = WorkerPool(
             engine, store, service.context_for, service.observer_for, size=2, poll_seconds=0.1
@@ -429,6 +441,35 @@ def test_stop_during_agent_cancels_the_run_and_the_check(
     assert f"**Why:** stopped by @{WRITER}" in app.tracking(run.id)
     # It pushed nothing: its report is the comment alone, no check run on any commit.
     assert app.fake.check_runs == {}
+
+
+@needs_second_engine
+@pytest.mark.parametrize("app", [{"second_engine": True}], indirect=True)
+def test_an_engine_restart_mid_run_is_reported_as_the_failure_and_a_retry_succeeds(
+    app: App, request: pytest.FixtureRequest
+) -> None:
+    engine = request.getfixturevalue("second_engine")
+    issue = app.fake.add_issue(REPO, title="Long one")
+    run_cmd = _comment_payload(issue["number"], "/trimo run work SLOWLY please", WRITER)
+    assert app.deliver("issue_comment", run_cmd).status_code == 202
+    run_id = app.live_run(RunState.AGENT, timeout=90)
+
+    engine.restart()
+
+    assert app.wait_finished(run_id, timeout=150) == RunState.ERROR
+    why = (
+        f"**Why:** the Docker engine at {engine.url} restarted during the agent phase and "
+        "stopped the run's container with it; nothing was published: run it again"
+    )
+    app.wait_for(lambda: why in app.tracking(run_id))
+    assert app.containers(run_id) == []
+
+    retry = _comment_payload(issue["number"], "/trimo run work", WRITER)
+    assert app.deliver("issue_comment", retry).status_code == 202
+    app.wait_for(lambda: len(app.store.list_runs()) == 2, timeout=30)
+    second = app.store.list_runs()[0]
+    assert app.wait_finished(second.id, timeout=150) == RunState.SUCCEEDED
+    app.wait_for(lambda: "succeeded" in app.tracking(second.id))
 
 
 def test_the_report_shows_agent_while_it_works_and_a_pr_check_run_exists_from_queued(
