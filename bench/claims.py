@@ -46,7 +46,8 @@ from tests.engines import (  # noqa: E402
     worker_pid,
 )
 
-MAIN_URL = "unix:///var/run/docker.sock"
+# The engine the session (docker.from_env) uses.
+MAIN_URL = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
 
 def _seconds(a: datetime | None, b: datetime | None) -> float:

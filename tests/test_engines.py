@@ -4,6 +4,7 @@ PostgreSQL, and a run whose engine restarts under it."""
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ from tests.engines import (
 
 pytestmark = [pytest.mark.docker, needs_second_engine]
 
-MAIN_URL = "unix:///var/run/docker.sock"
+# The engine the session (docker.from_env) uses.
+MAIN_URL = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
 
 def _wait_state(store: Store, run_id: int, state: RunState, seconds: float) -> Run:
