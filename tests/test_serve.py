@@ -61,6 +61,43 @@ def test_serve_refuses_a_broken_private_key(tmp_path: Path) -> None:
     assert "TRIMO_PRIVATE_KEY" in r.stderr and "not a key" not in r.stderr
 
 
+def test_worker_names_the_engine_it_cannot_reach_and_claims_nothing(tmp_path: Path) -> None:
+    from bot.states import PipelineKind, RunState
+    from bot.store import Store
+    from bot.worker import dispatch
+
+    store = Store(Store.sqlite_url(tmp_path / "data"))
+    pipeline = store.get_or_create_pipeline(
+        repo=str(tmp_path), key="local:x", kind=PipelineKind.LOCAL, branch="trimo/x", title="x"
+    )
+    queued = dispatch(store, pipeline, trigger="cli", task="x", agent_command="true")
+    missing = f"unix://{tmp_path}/no-engine-here.sock"
+    r = subprocess.run(
+        [sys.executable, "-m", "bot", "worker", "--docker-url", missing, "--workers", "1"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert f"no Docker engine answers at {missing}" in r.stderr
+    assert "--docker-url" in r.stderr  # and how to point it elsewhere
+    assert store.get_run(queued.id).state == RunState.QUEUED  # left for a worker with an engine
+    store.close()
+
+
+def test_worker_refuses_zero_run_slots(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bot", "worker", "--workers", "0"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "--workers" in r.stderr and "0 is not in the range 1<=x<=64" in r.stderr
+
+
 def _refused(host: str, port: int) -> bool:
     try:
         socket.create_connection((host, port), timeout=2).close()
