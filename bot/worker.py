@@ -17,9 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import docker.errors
+
 from bot.engine import Engine, Observer, RunContext
 from bot.errors import NoSuchRunError
-from bot.runtime import DockerRuntime, Leftover
+from bot.runtime import ENGINE_UNREACHABLE, DockerRuntime, Leftover
 from bot.states import ACTIVE, RunMode, RunState
 from bot.store import Pipeline, Run, Store
 
@@ -151,11 +153,11 @@ class WorkerPool:
         self._futures: set[Future[Run | None]] = set()
 
     def run_forever(self) -> None:
-        reap(self.store, self.engine.runtime)
+        self._reap()
         last_reap = time.monotonic()
         while not self._stop.is_set():
             if time.monotonic() - last_reap > STALE_HEARTBEAT_SECONDS / 2:
-                reap(self.store, self.engine.runtime)
+                self._reap()
                 last_reap = time.monotonic()
             if not self._busy.acquire(timeout=self.poll_seconds):
                 continue
@@ -172,6 +174,13 @@ class WorkerPool:
                 return
             self._futures.add(future)
             future.add_done_callback(self._futures.discard)
+
+    def _reap(self) -> None:
+        # An engine that is restarting leaves its leftovers to the next round; the worker goes on.
+        try:
+            reap(self.store, self.engine.runtime)
+        except (docker.errors.DockerException, *ENGINE_UNREACHABLE) as exc:
+            log.warning("the reaper could not reach the Docker engine: %s", exc)
 
     def _execute(self, run: Run) -> Run | None:
         try:
