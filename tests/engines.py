@@ -182,6 +182,16 @@ class SideEngine:
         self.restarts += 1
         self._spawn()
 
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The engine stopped for the block, started again after it (whatever the block did)."""
+        self._terminate()
+        try:
+            yield
+        finally:
+            self.restarts += 1
+            self._spawn()
+
     def stop(self) -> None:
         """Remove what the engine made, stop it, and leave no trace of it on the machine."""
         if self.proc is not None and self.proc.poll() is None:

@@ -7,15 +7,21 @@ import collections
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import docker
 import pytest
 
-from bot.runtime import EGRESS_NETWORK, LABEL_RUN, LABEL_STORE
+from bot.engine import Engine, RunContext
+from bot.runtime import EGRESS_NETWORK, LABEL_RUN, LABEL_STORE, DockerRuntime
+from bot.secrets import ServerSecrets
+from bot.settings import Settings
 from bot.states import RunState
 from bot.store import Run, Store
+from bot.worker import WorkerPool, worker_id
+from bot.workspace import Remote, Workspace
 from tests.containers import make_repo
 from tests.engines import (
     SideEngine,
@@ -169,4 +175,37 @@ def test_runs_spread_over_four_workers_on_two_engines_each_claimed_once(
         # One host, one mirror cache: a single bare mirror of the repository for all four.
         assert len(list((data / "mirrors").glob("*.git"))) == 1
     finally:
+        store.close()
+
+
+def test_a_worker_whose_engine_is_down_at_a_reaper_round_claims_runs_once_it_is_back(
+    second_engine: SideEngine, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    make_repo(repo, {"README.md": "# r\n", ".trimo/config.yml": "network:\n  mode: none\n"})
+    data = tmp_path / "data"
+    store = Store(Store.sqlite_url(data))
+    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
+    engine = Engine(
+        store,
+        Workspace(data),
+        DockerRuntime(second_engine.client(), url=second_engine.url),
+        owner=worker_id(),
+        secrets=ServerSecrets(Settings(data_dir=data)),
+        extra_ca_certs=Path(extra) if extra else None,
+    )
+    pool = WorkerPool(engine, store, lambda run: RunContext(remote=Remote(str(repo))), size=1)
+    loop = threading.Thread(target=pool.run_forever, daemon=True)
+    try:
+        with second_engine.down():
+            loop.start()  # its first act is a reaper round, which finds no engine
+            time.sleep(2)
+            assert loop.is_alive()
+        [run_id] = queue_runs(store, repo, 1, "true", prefix="after-outage")
+        [run] = wait_finished(store, [run_id], 120)
+        assert run.state == RunState.SUCCEEDED, run.reason
+        assert loop.is_alive()
+    finally:
+        pool.stop()
+        loop.join(timeout=30)
         store.close()
