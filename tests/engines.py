@@ -179,6 +179,11 @@ class SideEngine:
     def restart(self) -> None:
         """What `systemctl restart docker` does: a clean stop (containers stopped), a start."""
         self._terminate()
+        # dockerd started with `--bridge` on a network store it kept deletes the host's docker0
+        # (the main engine's default bridge) as it clears its stale default network; starting
+        # from an empty network store leaves docker0 alone. Networks do not outlive a restart
+        # for Trimo anyway: the run's network goes with the run, the egress network is remade.
+        (self.root / "network" / "files" / "local-kv.db").unlink(missing_ok=True)
         self.restarts += 1
         self._spawn()
 
