@@ -26,6 +26,7 @@ import docker
 from bot import images
 from bot.agents import PRESETS, Preset, Step
 from bot.agents.layer import build_agent_layer
+from bot.deadline import Watchdog
 from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image, host_addresses
 from bot.errors import (
     ConfigError,
@@ -62,7 +63,12 @@ from bot.protocol import (
     ExitCode,
     parse_line,
 )
-from bot.repoconfig import AGENT_ADAPTER, RepoConfig, parse_repo_config
+from bot.repoconfig import (
+    AGENT_ADAPTER,
+    DEFAULT_IMAGE_BUILD_TIMEOUT,
+    RepoConfig,
+    parse_repo_config,
+)
 from bot.runtime import ENGINE_UNREACHABLE, ContainerSpec, DockerRuntime, files_tar
 from bot.secrets import MissingSecretError, Secrets
 from bot.secretscan import SecretInResult, refuse_secrets
@@ -76,6 +82,9 @@ CONFIG_FILE = ".trimo/config.yml"
 CONFIG_DIR = ".trimo"
 STOP_GRACE_SECONDS = 10
 CANCEL_POLL_SECONDS = 1.0
+# The runner stops itself this long after the run's deadline: the engine stops it first when it
+# is there to watch, the runner when nobody is (its worker died, the engine is out of reach).
+RUNNER_DEADLINE_MARGIN_SECONDS = 5
 LOG_FLUSH_SECONDS = 0.5
 LOG_FLUSH_LINES = 200
 TAIL_LINES = 30
@@ -97,6 +106,11 @@ AGENT_FAILED = "the agent exited with {code}"
 TESTS_FAILED = "tests failed"
 CANCELLED = "cancelled"
 TIMED_OUT = "timed out after {seconds}s; the work so far was committed and pushed"
+RUNNER_TIMED_OUT = (
+    "timed out after {seconds}s: the container stopped itself at its deadline; "
+    "the work so far was committed and pushed"
+)
+REQUEUED = "requeued: {why}; the work so far was committed and pushed, and the next run resumes it"
 RUNNER_ERROR = "the runner could not start the run: {detail}"
 CONTAINER_DIED = "the container ended without a result (exit {code}, {oom})"
 BUDGET_EXCEEDED = (
@@ -203,13 +217,22 @@ class _Control:
         self.lock = threading.Lock()
 
     def stop(self, reason: RunState, detail: str | None = None) -> None:
+        """Record why, then stop the container; raises only when the engine could not stop it
+        (the watchdog tries again). A second call stops again, with the first reason kept."""
         with self.lock:
-            if self.reasons:
-                return
-            self.reasons.append(reason)
-            self.detail = detail
+            first = not self.reasons
+            if first:
+                self.reasons.append(reason)
+                self.detail = detail
             cid = self.container_id
-        self.engine.store.add_event(self.run_id, "stop", f"stopping the container: {reason.value}")
+        if first:
+            what = "requeue" if reason == RunState.QUEUED else reason.value
+            try:
+                self.engine.store.add_event(
+                    self.run_id, "stop", f"stopping the container: {what}", {"detail": detail}
+                )
+            except Exception as exc:  # noqa: BLE001 - the container must stop all the same
+                log.warning("run %s: could not record the stop (%s)", self.run_id, exc)
         if cid is not None:
             self.engine.runtime.stop(cid, STOP_GRACE_SECONDS)
 
@@ -247,6 +270,7 @@ class Engine:
         extra_ca_certs: Path | None = None,
         network_limits: NetworkLimits | None = None,
         models: ModelPolicy | None = None,
+        image_build_timeout: int = DEFAULT_IMAGE_BUILD_TIMEOUT,
     ) -> None:
         self.store = store
         self.workspace = workspace
@@ -260,6 +284,10 @@ class Engine:
         self.network_limits = network_limits or NetworkLimits()
         self._host_addresses = host_addresses()
         self.models = models or ModelPolicy()
+        self.image_build_timeout = image_build_timeout
+        # The runs this engine executes now, by id: what `requeue` can reach.
+        self._controls: dict[int, _Control] = {}
+        self._controls_lock = threading.Lock()
 
     @property
     def docker(self) -> docker.DockerClient:
@@ -268,9 +296,20 @@ class Engine:
     # -- the run ---------------------------------------------------------------------------------
 
     def execute(self, run: Run, ctx: RunContext, observer: Observer | None = None) -> Run:
-        """Drive a claimed run (state `preparing`) to a finished state; returns its final row."""
+        """Drive a claimed run (state `preparing`) to a finished state, or back to `queued` when
+        `requeue` was asked for; returns its final row."""
         with about_run(run.id):
             return self._execute(run, ctx, observer)
+
+    def requeue(self, run_id: int, why: str) -> bool:
+        """Stop a run this engine executes, checkpoint its work and put it back in the queue, so
+        another worker resumes it; False when the run is not executing here."""
+        with self._controls_lock:
+            control = self._controls.get(run_id)
+        if control is None:
+            return False
+        control.stop(RunState.QUEUED, why)
+        return True
 
     def _execute(self, run: Run, ctx: RunContext, observer: Observer | None) -> Run:
         obs = observer or NullObserver()
@@ -283,6 +322,8 @@ class Engine:
         watch = self.runtime.watch()
         watch.wait_connected(2)
         control = _Control(self, run.id, watch.breaks)
+        with self._controls_lock:
+            self._controls[run.id] = control
         try:
             if ctx.refusal:
                 raise RunRefused(ctx.refusal)
@@ -368,6 +409,8 @@ class Engine:
                 self._report_blocked(run, net)
             if gateway_network is not None:
                 self.runtime.remove_network(gateway_network)
+            with self._controls_lock:
+                self._controls.pop(run.id, None)
         reason = masker.mask(outcome.reason) if outcome.reason else None
         fields: dict[str, Any] = {}
         if outcome.tail:
@@ -378,6 +421,11 @@ class Engine:
                 reason = f"superseded by run {current.superseded_by}"
             elif current.cancel_reason:
                 reason = masker.mask(current.cancel_reason)
+        if outcome.state == RunState.QUEUED:
+            # Nobody owns it now: the next claim takes it, like any queued run.
+            fields.update(worker_id=None, container_id=None)
+            if control.detail:
+                reason = masker.mask(REQUEUED.format(why=control.detail))
         final = self.store.set_state(run.id, outcome.state, reason=reason, **fields)
         obs.state(final)
         return final
@@ -491,6 +539,7 @@ class Engine:
                 dockerfile=config.image.dockerfile,
                 name=_project_name(checkout),
                 progress=progress,
+                timeout=config.image.build_timeout_within(self.image_build_timeout),
             )
             what = "built" if result.built else "reused"
             self.store.add_event(
@@ -654,6 +703,10 @@ class Engine:
             "secret_names": sorted(secrets),
             "agent_env_names": sorted(agent_env),
             "heartbeat_seconds": self.heartbeat_seconds,
+            # The runner's own backstop: it stops the agent and the tests after this long, even
+            # when no worker is left to stop its container.
+            "deadline_seconds": config.timeout_or(self.default_timeout)
+            + RUNNER_DEADLINE_MARGIN_SECONDS,
             "git_author": {"name": self.git_author[0], "email": self.git_author[1]},
             "proxy": PROXY_URL if network else None,
         }
@@ -731,18 +784,21 @@ class Engine:
         parser = preset.parser() if preset is not None else None
         phase = ""
 
-        def watchdog() -> None:
-            deadline = time.monotonic() + timeout
-            while not finished.wait(CANCEL_POLL_SECONDS):
-                if time.monotonic() >= deadline:
-                    stop(RunState.TIMED_OUT)
-                    return
-                if self.store.get_run(run.id).cancel_requested:
-                    stop(RunState.CANCELLED)
-                    return
+        def cancelled() -> RunState | None:
+            return RunState.CANCELLED if self.store.get_run(run.id).cancel_requested else None
 
+        watchdog = Watchdog(run.id, timeout, cancelled, stop, CANCEL_POLL_SECONDS)
+        with control.lock:
+            stopped_early = list(control.reasons)
+        if stopped_early:
+            # Asked to stop (a requeue, say) before its container ever ran: it never starts.
+            return _outcome(-1, {}, stopped_early, timeout), None
         self.runtime.start(cid)
-        threading.Thread(target=watchdog, name=f"run-{run.id}-watchdog", daemon=True).start()
+        with control.lock:
+            late = list(control.reasons)
+        if late:  # asked between the look above and the start
+            stop(late[0])
+        watchdog.start(finished)
         events: dict[str, dict[str, Any]] = {}
         buffer: list[str] = []
         buffer_lock = threading.Lock()
@@ -1049,9 +1105,11 @@ def _state_of(
         state = stop_reason[0]
         if state == RunState.TIMED_OUT:
             return _Outcome(state, TIMED_OUT.format(seconds=timeout))
-        if state == RunState.BUDGET_EXCEEDED:
+        if state in (RunState.BUDGET_EXCEEDED, RunState.QUEUED):
             return _Outcome(state)
         return _Outcome(state, CANCELLED)
+    if "deadline" in events:
+        return _Outcome(RunState.TIMED_OUT, RUNNER_TIMED_OUT.format(seconds=timeout))
     if code == ExitCode.SUCCESS:
         return _Outcome(RunState.SUCCEEDED)
     if code == ExitCode.TESTS_FAILED:

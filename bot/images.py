@@ -13,17 +13,21 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
+import requests
 
 from bot.cacerts import read_certificates
 from bot.errors import ImageBuildError, TrimoError
@@ -44,6 +48,11 @@ _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)", re.IGNORECASE | re
 _ARG_DEFAULT = re.compile(r"^\s*ARG\s+(\w+)=(\S+)", re.IGNORECASE | re.MULTILINE)
 
 Progress = Callable[[str], None]
+
+BUILD_TIMED_OUT = (
+    "building {tag} took longer than {seconds}s and was stopped: make the build faster, or "
+    "raise image.build_timeout in .trimo/config.yml (the server's image_build_timeout caps it)"
+)
 
 BOOTSTRAP_WHY = (
     "No registry answered for {image}, so Trimo makes it here from Debian's archive "
@@ -131,6 +140,62 @@ def default_tag(context: Path, digest: str, name: str | None = None) -> str:
     return f"trimo/{name}:ctx-{digest[:12]}"
 
 
+# The build a thread is waiting on, so the response hook below can hand its deadline the
+# connection to cut. One per thread: the engine builds for several runs at once on one client.
+_building = threading.local()
+
+
+def _remember_build(response: requests.Response, *args: object, **kwargs: object) -> None:
+    deadline = getattr(_building, "deadline", None)
+    if deadline is not None and response.request.path_url.split("?")[0].endswith("/build"):
+        deadline.response = response
+
+
+class _BuildDeadline:
+    """Cuts a build's connection when its time is up; the engine then cancels the build (and
+    kills the step's container), as it does for any client that goes away."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.response: requests.Response | None = None
+        self.expired = threading.Event()
+        self.done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="image-build-deadline", daemon=True
+        )
+
+    def __enter__(self) -> _BuildDeadline:
+        _building.deadline = self
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _building.deadline = None
+        self.done.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        if self.done.wait(self.seconds):
+            return
+        self.expired.set()
+        # The context may still be on its way up: the answer (and its socket) comes after.
+        while not self.done.is_set():
+            if self.response is not None:
+                _cut(self.response)
+                return
+            self.done.wait(0.2)
+
+
+def _cut(response: requests.Response) -> None:
+    # The connection's socket (or the SocketIO around it): docker-py reads attach streams so too.
+    raw: Any = response.raw._fp.fp.raw  # type: ignore[union-attr]
+    sock: Any = getattr(raw, "_sock", raw)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        response.close()
+
+
 def build_image(
     client: docker.DockerClient,
     context: Path,
@@ -140,10 +205,12 @@ def build_image(
     nocache: bool = False,
     buildargs: dict[str, str] | None = None,
     name: str | None = None,
+    timeout: float | None = None,
 ) -> BuildResult:
     """Build `context` unless an image with its content hash exists; tag the result `tag`.
 
-    Without `tag`, the tag is `trimo/<name>:ctx-<hash>` (`name` defaults to the folder's).
+    Without `tag`, the tag is `trimo/<name>:ctx-<hash>` (`name` defaults to the folder's). A
+    build still going after `timeout` seconds is stopped and raises ImageBuildError.
     """
     say = progress or (lambda _line: None)
     started = time.monotonic()
@@ -161,15 +228,29 @@ def build_image(
     say(f"building {tag} from {context} (context {digest[:12]})")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     image_id = None
-    for line in _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs):
-        tail.append(line)
-        if line.startswith("Step ") or line.startswith("Successfully"):
-            say(f"[{time.monotonic() - started:5.1f}s] {line}")
-        m = re.match(r"Successfully built ([0-9a-f]+)", line)
-        if m:
-            image_id = m.group(1)
-        if line.startswith("ERROR: "):
-            raise ImageBuildError(f"building {tag} failed: {line[7:]}", list(tail))
+    hooks = client.api.hooks.setdefault("response", [])
+    if _remember_build not in hooks:
+        hooks.append(_remember_build)
+    with _BuildDeadline(timeout) as deadline:
+        try:
+            for line in _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs):
+                tail.append(line)
+                if line.startswith("Step ") or line.startswith("Successfully"):
+                    say(f"[{time.monotonic() - started:5.1f}s] {line}")
+                m = re.match(r"Successfully built ([0-9a-f]+)", line)
+                if m:
+                    image_id = m.group(1)
+                if line.startswith("ERROR: ") and not deadline.expired.is_set():
+                    raise ImageBuildError(f"building {tag} failed: {line[7:]}", list(tail))
+        except ImageBuildError:
+            raise
+        except Exception:
+            if not deadline.expired.is_set():
+                raise
+        if deadline.expired.is_set():
+            raise ImageBuildError(
+                BUILD_TIMED_OUT.format(tag=tag, seconds=f"{timeout:g}"), list(tail)
+            )
     if image_id is None:
         raise ImageBuildError(f"building {tag} failed", list(tail))
     full_id = str(client.images.get(tag).id)

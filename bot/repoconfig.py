@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ DEFAULT_CONFIG_PATH = f"{CONFIG_DIR}/config.yml"
 BASE_IMAGE = "trimo/base:bookworm"
 DEFAULT_TIMEOUT_SECONDS = 30 * 60
 MIN_TIMEOUT_SECONDS = 10
+DEFAULT_IMAGE_BUILD_TIMEOUT = 30 * 60
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MIN_MEMORY_BYTES = 6 * 1024**2  # Docker refuses less.
 MIN_PIDS = 64
@@ -52,8 +54,9 @@ ENV_NAME_EXPECTED = "an environment variable name like ANTHROPIC_API_KEY (not st
 # What each field accepts, in the words the error message uses; keys are dotted field paths
 # with list indices removed.
 EXPECTED: dict[str, str] = {
-    "image": "a mapping with the key dockerfile",
+    "image": "a mapping with the keys dockerfile, build_timeout",
     "image.dockerfile": "a path inside .trimo/, like Dockerfile",
+    "image.build_timeout": DURATION_EXPECTED,
     "agent": "a mapping with the keys command, preset, secrets, model, max_turns, budget",
     "agent.model": "a model name, like claude-sonnet-4-5",
     "agent.max_turns": "a whole number of turns between 1 and 1000",
@@ -127,16 +130,22 @@ def parse_size(value: object) -> int:
     raise ValueError(value)
 
 
-def _duration(value: object) -> int | None:
-    if value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError:
-        raise _fail("timeout", value) from None
-    if not MIN_TIMEOUT_SECONDS <= seconds <= MAX_TIMEOUT_SECONDS:
-        raise _fail("timeout", value)
-    return seconds
+def _duration_of(field: str) -> Callable[[object], int | None]:
+    def check(value: object) -> int | None:
+        if value is None:
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise _fail(field, value) from None
+        if not MIN_TIMEOUT_SECONDS <= seconds <= MAX_TIMEOUT_SECONDS:
+            raise _fail(field, value)
+        return seconds
+
+    return check
+
+
+_duration = _duration_of("timeout")
 
 
 def _size(value: object) -> int:
@@ -205,6 +214,17 @@ class _Section(BaseModel):
 
 class ImageConfig(_Section):
     dockerfile: str = "Dockerfile"
+    # The longest the image build may take; the server's `image_build_timeout` is the most a
+    # repository may ask for, so one repository's build cannot hold a worker for ever.
+    build_timeout: Annotated[int | None, BeforeValidator(_duration_of("image.build_timeout"))] = (
+        None
+    )
+
+    def build_timeout_within(self, server_limit: int) -> int:
+        """The build's deadline: the repository's, capped by the server's."""
+        if self.build_timeout is None:
+            return server_limit
+        return min(self.build_timeout, server_limit)
 
     @field_validator("dockerfile")
     @classmethod

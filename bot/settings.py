@@ -30,13 +30,14 @@ from bot.cacerts import read_certificates
 from bot.errors import SettingsError
 from bot.gateway.policy import ModelPolicy
 from bot.network import HOST_EXPECTED, NetworkLimits, NetworkMode, valid_host_pattern
-from bot.repoconfig import DEFAULT_TIMEOUT_SECONDS, parse_duration
+from bot.repoconfig import DEFAULT_IMAGE_BUILD_TIMEOUT, DEFAULT_TIMEOUT_SECONDS, parse_duration
 from bot.secretscan import check_secret_value
 
 ENV_PREFIX = "TRIMO_"
 SETTINGS_FILE_ENV = "TRIMO_SETTINGS_FILE"
 WEBHOOK_SECRET_ENV = "TRIMO_WEBHOOK_SECRET"
 SECRET_ENV_PREFIX = "TRIMO_SECRET_"
+DEFAULT_DRAIN_GRACE = 60
 # The App's credentials as the manifest flow wrote them, in the data directory (mode 0600).
 APP_FILE = "github-app.toml"
 # GitHub's repository roles, weakest first.
@@ -138,6 +139,11 @@ class Settings(BaseSettings):
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     workers: int = Field(2, ge=1, le=64)
     default_timeout: int = DEFAULT_TIMEOUT_SECONDS
+    # The longest a repository's image build may take (its image.build_timeout may ask less).
+    image_build_timeout: int = DEFAULT_IMAGE_BUILD_TIMEOUT
+    # On SIGTERM a worker claims nothing new and gives its live runs this long to finish; then
+    # it checkpoints them and puts them back in the queue, for another worker to resume.
+    drain_grace: int = DEFAULT_DRAIN_GRACE
     secrets: dict[str, SecretSetting] = Field(default_factory=dict)
     # A directory with one file per secret, named like the secret (Docker and Kubernetes secrets).
     secrets_dir: Path | None = None
@@ -194,7 +200,7 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_secrets(value)
 
-    @field_validator("default_timeout", mode="before")
+    @field_validator("default_timeout", "image_build_timeout", "drain_grace", mode="before")
     @classmethod
     def _duration(cls, value: object) -> int:
         try:

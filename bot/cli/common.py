@@ -49,6 +49,7 @@ class App:
             owner=worker_id(),
             secrets=secrets,
             default_timeout=self.settings.default_timeout,
+            image_build_timeout=self.settings.image_build_timeout,
             extra_ca_certs=self.settings.extra_ca_certs,
             network_limits=self.settings.network_limits(),
             models=self.settings.model_policy(),
