@@ -32,6 +32,10 @@ WORKER_DIED = (
     "the worker running it ({owner}) stopped without finishing it; its container was removed"
 )
 SUPERSEDED = "superseded by run {run_id}"
+DRAINING = "its worker ({owner}) is shutting down"
+# After the grace, how long a run has to checkpoint, publish and be requeued (the container's
+# stop grace, copying the bundle out, a push) before the worker exits without it.
+CHECKPOINT_SECONDS = 60
 
 
 def _process_start(pid: int) -> str:
@@ -148,11 +152,19 @@ class WorkerPool:
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
+        self._loop_done = threading.Event()
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="trimo-run")
         self._busy = threading.Semaphore(self.size)
-        self._futures: set[Future[Run | None]] = set()
+        self._futures: dict[Future[Run | None], int] = {}
+        self._futures_lock = threading.Lock()
 
     def run_forever(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._loop_done.set()
+
+    def _loop(self) -> None:
         self._reap()
         last_reap = time.monotonic()
         while not self._stop.is_set():
@@ -161,19 +173,36 @@ class WorkerPool:
                 last_reap = time.monotonic()
             if not self._busy.acquire(timeout=self.poll_seconds):
                 continue
+            if self._stop.is_set():
+                self._busy.release()
+                return
             run = self.store.claim_run(self.engine.owner)
             if run is None:
                 self._busy.release()
                 self._stop.wait(self.poll_seconds)
                 continue
+            if self._stop.is_set():  # stopped while claiming: the run waits for the next worker
+                self.store.set_state(run.id, RunState.QUEUED, worker_id=None)
+                self._busy.release()
+                return
             try:
                 future = self._pool.submit(self._execute, run)
             except RuntimeError:  # stopping: leave the run for the next worker
-                self.store.set_state(run.id, RunState.QUEUED)
+                self.store.set_state(run.id, RunState.QUEUED, worker_id=None)
                 self._busy.release()
                 return
-            self._futures.add(future)
-            future.add_done_callback(self._futures.discard)
+            with self._futures_lock:
+                self._futures[future] = run.id
+            future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future[Run | None]) -> None:
+        with self._futures_lock:
+            self._futures.pop(future, None)
+
+    def live(self) -> list[int]:
+        """The ids of the runs this pool executes now."""
+        with self._futures_lock:
+            return sorted(self._futures.values())
 
     def _reap(self) -> None:
         # An engine that is restarting leaves its leftovers to the next round; the worker goes on.
@@ -191,6 +220,39 @@ class WorkerPool:
             return None
         finally:
             self._busy.release()
+
+    def drain(self, grace: float, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[int]:
+        """Claim nothing more; give live runs `grace` seconds to finish, then checkpoint and
+        requeue the rest. Returns the ids of the runs requeued."""
+        self._stop.set()
+        self._loop_done.wait(timeout=self.poll_seconds * 4 + 30)
+        if self.live():
+            log.warning(
+                "draining: %d live run(s) get %ss to finish before they are requeued",
+                len(self.live()),
+                f"{grace:g}",
+            )
+        self._wait_idle(grace)
+        requeued: list[int] = []
+        why = DRAINING.format(owner=self.engine.owner)
+        until = time.monotonic() + checkpoint_seconds
+        # Asked again each turn: a run between its claim and its first step is reached once its
+        # engine knows it.
+        while (live := self.live()) and time.monotonic() < until:
+            for run_id in live:
+                if run_id not in requeued and self.engine.requeue(run_id, why):
+                    log.warning("run %s: checkpointing it and putting it back in the queue", run_id)
+                    requeued.append(run_id)
+            self._wait_idle(min(0.5, max(0.0, until - time.monotonic())))
+        if left := self.live():
+            log.error("drained with runs still executing (they are left to the reaper): %s", left)
+        self._pool.shutdown(wait=False)
+        return requeued
+
+    def _wait_idle(self, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while self.live() and time.monotonic() < until:
+            time.sleep(min(0.2, max(0.0, until - time.monotonic())))
 
     def stop(self, wait: bool = True) -> None:
         self._stop.set()

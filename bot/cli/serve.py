@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +19,8 @@ from bot.errors import SettingsError
 from bot.settings import Settings
 from bot.states import PipelineKind
 from bot.store import DELIVERY_KEEP, Run, Store
+from bot.supervisor import WorkerSupervisor
+from bot.worker import CHECKPOINT_SECONDS
 from bot.workspace import Remote
 
 if TYPE_CHECKING:
@@ -92,7 +93,12 @@ def run_worker(settings_path: Path | None, stop: threading.Event, **overrides: A
     )
     stop.wait()
     status.stop()
-    pool.stop(wait=False)
+    requeued = pool.drain(settings.drain_grace)
+    click.echo(
+        "trimo worker: drained"
+        + (f"; run(s) {', '.join(map(str, requeued))} requeued" if requeued else ""),
+        err=True,
+    )
 
 
 def _deliveries(service: GitHubService, stop: threading.Event) -> None:
@@ -196,20 +202,19 @@ def serve(
     env = dict(os.environ)
     if settings_path is not None:
         env["TRIMO_SETTINGS_FILE"] = str(settings_path)
-    child: list[subprocess.Popen[bytes]] = []
+    # The worker drains on SIGTERM: its grace, then the checkpoints of what still runs.
+    supervisor = WorkerSupervisor(
+        [sys.executable, "-m", "bot", "worker"],
+        env,
+        drain_seconds=settings.drain_grace + CHECKPOINT_SECONDS + 30,
+    )
 
     def on_starting(_server: Any) -> None:
-        if not with_worker:
-            return
-        child.append(subprocess.Popen([sys.executable, "-m", "bot", "worker"], env=env))
+        if with_worker:
+            supervisor.start()
 
     def on_exit(_server: Any) -> None:
-        for proc in child:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        supervisor.stop()
 
     click.echo(
         f"trimo serve: webhooks on http://{settings.host}:{settings.port}/webhooks/github", err=True
