@@ -263,6 +263,16 @@ def test_a_bad_budget_names_its_field(text: str, field: str) -> None:
             "image.dockerfile: expected a path inside .trimo/, like Dockerfile, got '/etc/passwd'",
         ),
         (
+            "image: {build_timeout: soon}",
+            "image.build_timeout: expected a duration like 90s, 30m or 1h30m "
+            "(between 10s and 24h), got 'soon'",
+        ),
+        (
+            "image: {build_timeout: 2s}",
+            "image.build_timeout: expected a duration like 90s, 30m or 1h30m "
+            "(between 10s and 24h), got '2s'",
+        ),
+        (
             "protected_paths: .github",
             "protected_paths: expected a list of gitignore-style globs, "
             "like .github/**, got '.github'",
@@ -284,6 +294,12 @@ def test_each_mistake_gets_a_one_line_message_naming_file_field_and_expectation(
     text: str, message: str
 ) -> None:
     assert _error(text) == f".trimo/config.yml: {message}"
+
+
+def test_the_build_timeout_is_the_repositorys_under_the_servers_limit() -> None:
+    assert parse_repo_config("").image.build_timeout_within(1800) == 1800
+    assert parse_repo_config("image: {build_timeout: 5m}").image.build_timeout_within(1800) == 300
+    assert parse_repo_config("image: {build_timeout: 2h}").image.build_timeout_within(1800) == 1800
 
 
 def test_invalid_yaml_names_the_line() -> None:

@@ -53,6 +53,7 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     file = tmp_path / "trimo.toml"
     file.write_text(
         'workers = 3\nport = 9000\ndata_dir = "/srv/trimo"\ndefault_timeout = "1h"\n'
+        'image_build_timeout = "20m"\ndrain_grace = "2m"\n'
         'api_url = "https://ghe.example.com/api/v3/"\n[secrets]\nAPI_KEY = "from-file"\n'
     )
     monkeypatch.setenv("TRIMO_WORKERS", "5")
@@ -61,6 +62,7 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.data_dir == Path("/srv/trimo")
     assert settings.database_url == "sqlite:////srv/trimo/trimo.db"
     assert settings.default_timeout == 3600
+    assert (settings.image_build_timeout, settings.drain_grace) == (1200, 120)
     assert settings.api_url == "https://ghe.example.com/api/v3"
     assert ServerSecrets(settings).server_value("API_KEY") == "from-file"
 

@@ -184,6 +184,7 @@ def test_sigterm_requeues_a_run_past_the_grace_and_another_worker_resumes_it(
     started = time.monotonic()
     assert serve.terminate() == 0, serve.output()
     assert time.monotonic() - started < 60, serve.output()
+    assert f"run(s) {run_id} requeued" in serve.output()
     run = store.get_run(run_id)
     assert run.state == RunState.QUEUED, (run, serve.output())
     assert run.worker_id is None
