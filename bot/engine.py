@@ -215,6 +215,8 @@ class _Control:
         self.reasons: list[RunState] = []
         self.detail: str | None = None
         self.lock = threading.Lock()
+        # Set at the first stop: what runs before the container (the image build) ends early.
+        self.stopped = threading.Event()
 
     def stop(self, reason: RunState, detail: str | None = None) -> None:
         """Record why, then stop the container; raises only when the engine could not stop it
@@ -224,6 +226,7 @@ class _Control:
             if first:
                 self.reasons.append(reason)
                 self.detail = detail
+                self.stopped.set()
             cid = self.container_id
         if first:
             what = "requeue" if reason == RunState.QUEUED else reason.value
@@ -328,7 +331,7 @@ class Engine:
             if ctx.refusal:
                 raise RunRefused(ctx.refusal)
             checkout, config, image, spec, secrets, model_keys = self._prepare(
-                run, ctx, masker, obs, network
+                run, ctx, masker, obs, network, control.stopped
             )
             masker = Masker([*ctx.extra_secrets.values(), *secrets.values(), *model_keys.values()])
             agent = self._preset(run, config)
@@ -383,7 +386,10 @@ class Engine:
         except BudgetSpent as exc:
             outcome = _Outcome(RunState.BUDGET_EXCEEDED, str(exc))
         except ImageBuildError as exc:
-            outcome = _Outcome(RunState.ERROR, f"image build failed: {exc}", list(exc.tail))
+            if control.reasons == [RunState.QUEUED]:  # stopped to be requeued: nothing failed
+                outcome = _Outcome(RunState.QUEUED)
+            else:
+                outcome = _Outcome(RunState.ERROR, f"image build failed: {exc}", list(exc.tail))
         except EngineLost as exc:
             outcome = _Outcome(RunState.ERROR, str(exc))
         except TrimoError as exc:
@@ -433,7 +439,13 @@ class Engine:
     # -- preparing: workspace, config, image ----------------------------------------------------
 
     def _prepare(
-        self, run: Run, ctx: RunContext, masker: Masker, obs: Observer, network: list[RunNetwork]
+        self,
+        run: Run,
+        ctx: RunContext,
+        masker: Masker,
+        obs: Observer,
+        network: list[RunNetwork],
+        stopped: threading.Event | None = None,
     ) -> tuple[Checkout, RepoConfig, str, ContainerSpec, dict[str, str], dict[str, str]]:
         pipeline = self.store.get_pipeline(run.pipeline_id)
         checkout = self.workspace.prepare(
@@ -496,7 +508,7 @@ class Engine:
                 )
             )
         try:
-            image = self._image(run, checkout, config, masker, obs, base_ready)
+            image = self._image(run, checkout, config, masker, obs, base_ready, stopped)
         finally:
             base_ready.set()
         self.store.update_run(run.id, image_tag=image)
@@ -511,6 +523,7 @@ class Engine:
         masker: Masker,
         obs: Observer,
         base_ready: threading.Event,
+        stopped: threading.Event | None = None,
     ) -> str:
         def progress(line: str) -> None:
             # A build can take minutes: its steps are shown as they happen.
@@ -540,6 +553,7 @@ class Engine:
                 name=_project_name(checkout),
                 progress=progress,
                 timeout=config.image.build_timeout_within(self.image_build_timeout),
+                stop=stopped,
             )
             what = "built" if result.built else "reused"
             self.store.add_event(

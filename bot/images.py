@@ -54,6 +54,8 @@ BUILD_TIMED_OUT = (
     "raise image.build_timeout in .trimo/config.yml (the server's image_build_timeout caps it)"
 )
 
+BUILD_STOPPED = "building {tag} was stopped: its run is being stopped"
+
 BOOTSTRAP_WHY = (
     "No registry answered for {image}, so Trimo makes it here from Debian's archive "
     "(debootstrap {suite}, then docker import). This happens once per engine."
@@ -155,9 +157,11 @@ class _BuildDeadline:
     """Cuts a build's connection when its time is up; the engine then cancels the build (and
     kills the step's container), as it does for any client that goes away."""
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(self, seconds: float | None, stop: threading.Event | None = None) -> None:
         self.seconds = seconds
+        self.stop = stop or threading.Event()
         self.response: requests.Response | None = None
+        # Set when the build is cut: at its deadline, or because `stop` was set.
         self.expired = threading.Event()
         self.done = threading.Event()
         self._thread = threading.Thread(
@@ -175,7 +179,11 @@ class _BuildDeadline:
         self._thread.join(timeout=5)
 
     def _watch(self) -> None:
-        if self.done.wait(self.seconds):
+        until = None if self.seconds is None else time.monotonic() + self.seconds
+        while not self.done.wait(0.2):
+            if self.stop.is_set() or (until is not None and time.monotonic() >= until):
+                break
+        else:
             return
         self.expired.set()
         # The context may still be on its way up: the answer (and its socket) comes after.
@@ -206,11 +214,13 @@ def build_image(
     buildargs: dict[str, str] | None = None,
     name: str | None = None,
     timeout: float | None = None,
+    stop: threading.Event | None = None,
 ) -> BuildResult:
     """Build `context` unless an image with its content hash exists; tag the result `tag`.
 
     Without `tag`, the tag is `trimo/<name>:ctx-<hash>` (`name` defaults to the folder's). A
-    build still going after `timeout` seconds is stopped and raises ImageBuildError.
+    build still going after `timeout` seconds, or when `stop` is set, is stopped and raises
+    ImageBuildError.
     """
     say = progress or (lambda _line: None)
     started = time.monotonic()
@@ -231,7 +241,7 @@ def build_image(
     hooks = client.api.hooks.setdefault("response", [])
     if _remember_build not in hooks:
         hooks.append(_remember_build)
-    with _BuildDeadline(timeout) as deadline:
+    with _BuildDeadline(timeout, stop) as deadline:
         try:
             for line in _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs):
                 tail.append(line)
@@ -248,6 +258,8 @@ def build_image(
             if not deadline.expired.is_set():
                 raise
         if deadline.expired.is_set():
+            if deadline.stop.is_set():
+                raise ImageBuildError(BUILD_STOPPED.format(tag=tag), list(tail))
             raise ImageBuildError(
                 BUILD_TIMED_OUT.format(tag=tag, seconds=f"{timeout:g}"), list(tail)
             )

@@ -229,13 +229,14 @@ def test_image_build_over_its_deadline_fails_the_run_with_its_last_lines(
     assert "image build failed" in (run.reason or "") and marker in (run.error or "")
     # The engine cancelled the build: its step's container is gone, nothing was tagged.
     until = time.monotonic() + 15
-    while time.monotonic() < until and _step_containers(docker_client, marker):
+    while time.monotonic() < until and build_step_containers(docker_client, marker):
         time.sleep(0.5)
-    assert _step_containers(docker_client, marker) == []
+    assert build_step_containers(docker_client, marker) == []
     assert docker_client.images.list(name=f"trimo/{repo.name}") == []
 
 
-def _step_containers(client: docker.DockerClient, marker: str) -> list[str]:
+def build_step_containers(client: docker.DockerClient, marker: str) -> list[str]:
+    """The containers of an image build whose step runs the command holding `marker`."""
     return [
         c.id
         for c in client.containers.list(all=True)

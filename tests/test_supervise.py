@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -17,9 +18,11 @@ import pytest
 from bot.runtime import LABEL_RUN, LABEL_STORE
 from bot.states import PipelineKind, RunState
 from bot.store import Store
+from bot.supervisor import WorkerSupervisor
 from bot.worker import dispatch
 from tests.containers import git
 from tests.github_fake import app_private_key
+from tests.test_deadlines import build_step_containers
 from tests.test_run_engine import light_repo, wait_for_state
 from tests.test_serve import SECRET, _free_port
 
@@ -202,3 +205,63 @@ def test_sigterm_requeues_a_run_past_the_grace_and_another_worker_resumes_it(
     assert git(repo, "show", f"{branch}:progress.txt") == "started\nresumed"
     assert worker.terminate() == 0, worker.output()
     assert _run_containers(docker_client, store, run_id) == []
+
+
+def test_sigterm_during_an_image_build_stops_the_build_and_requeues_the_run(
+    tmp_path: Path, serving: list[Serve], docker_client: docker.DockerClient
+) -> None:
+    serve = Serve(tmp_path, TRIMO_DRAIN_GRACE="1s")
+    serving.append(serve)
+    serve.wait_for_line("trimo worker:")
+    store = serve.store()
+    marker = f"slow-build-{os.getpid()}-{time.monotonic_ns()}"
+    repo = light_repo(
+        tmp_path / marker,
+        extra={".trimo/Dockerfile": f"FROM trimo/base:bookworm\nRUN echo {marker} && sleep 300\n"},
+    )
+    run_id = _queue(store, repo, "true")
+    until = time.monotonic() + 90
+    while time.monotonic() < until and not build_step_containers(docker_client, marker):
+        time.sleep(0.2)
+    assert build_step_containers(docker_client, marker), serve.output()
+    started = time.monotonic()
+    assert serve.terminate() == 0, serve.output()
+    assert time.monotonic() - started < 30, serve.output()
+    run = store.get_run(run_id)
+    assert run.state == RunState.QUEUED, (run, serve.output())
+    assert "shutting down" in (run.reason or "")
+    until = time.monotonic() + 15
+    while time.monotonic() < until and build_step_containers(docker_client, marker):
+        time.sleep(0.5)
+    assert build_step_containers(docker_client, marker) == []
+    assert _run_containers(docker_client, store, run_id) == []
+
+
+def test_a_worker_that_keeps_dying_is_retried_with_a_capped_pause_and_said_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.supervisor")
+    supervisor = WorkerSupervisor(
+        [sys.executable, "-c", "import sys; sys.exit(3)"],
+        os.environ,
+        drain_seconds=5,
+        backoff_first=0.05,
+        backoff_max=0.2,
+    ).start()
+    try:
+        until = time.monotonic() + 20
+        while time.monotonic() < until and supervisor.restarts < 7:
+            time.sleep(0.05)
+    finally:
+        supervisor.stop()
+    assert supervisor.restarts >= 7
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("exited with 3" in line and "restarting it in 0.05s" in line for line in lines)
+    # The pause doubles, then stays at its cap.
+    assert any("restarting it in 0.1s" in line for line in lines)
+    assert sum("restarting it in 0.2s" in line for line in lines) >= 3
+    assert not any("restarting it in 0.4s" in line for line in lines)
+    assert any("failed 5 times in a row" in line for line in lines), lines
+    restarts = supervisor.restarts
+    time.sleep(0.5)
+    assert supervisor.restarts == restarts  # stopped means stopped
