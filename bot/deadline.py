@@ -1,8 +1,9 @@
-"""A run's deadline and its cancel, enforced by a loop that outlives a failing store.
+"""A run's deadline and its cancel, enforced by loops that outlive a failing store.
 
-The loop is the only thing that stops a container whose agent never ends, so nothing the store
-or the engine raises may end it: a failed read is one log line and a retry with backoff, and the
-deadline is kept on the clock meanwhile, so a store that is down delays a cancel, never a timeout.
+They are what stops a container whose agent never ends, so nothing the store or the engine raises
+may end them: a failed read is one log line and a retry with backoff. The deadline has a thread
+of its own that asks the store nothing, so a store that is down (or a read that hangs) delays a
+cancel, never a timeout.
 """
 
 from __future__ import annotations
@@ -48,42 +49,45 @@ class Watchdog:
     backoff_max: float = BACKOFF_MAX_SECONDS
 
     def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout  # counted again from `start`
+
+    def start(self, finished: threading.Event) -> None:
+        """Two threads until `finished` is set: the deadline's own, so a store read that hangs
+        cannot hold it up, and the one that polls `check`. Neither raises."""
         self.deadline = time.monotonic() + self.timeout
+        for name, target in (("deadline", self._at_deadline), ("cancel", self._poll)):
+            threading.Thread(
+                target=target, args=(finished,), name=f"run-{self.run_id}-{name}", daemon=True
+            ).start()
 
-    def start(self, finished: threading.Event) -> threading.Thread:
-        thread = threading.Thread(
-            target=self.run, args=(finished,), name=f"run-{self.run_id}-watchdog", daemon=True
-        )
-        thread.start()
-        return thread
+    def _at_deadline(self, finished: threading.Event) -> None:
+        if not finished.wait(max(0.0, self.deadline - time.monotonic())):
+            self._stop(RunState.TIMED_OUT, finished)
 
-    def run(self, finished: threading.Event) -> None:
-        """Until `finished` is set: never raises, whatever `check` and `stop` do."""
-        reason: RunState | None = None
+    def _poll(self, finished: threading.Event) -> None:
         failures = 0
         wait = self.poll_seconds
-        while True:
-            left = self.deadline - time.monotonic()
-            if reason is None and finished.wait(max(0.0, min(wait, left))):
+        while not finished.wait(wait) and time.monotonic() < self.deadline:
+            try:
+                reason = self.check()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
+                failures += 1
+                wait = self._backoff(failures)
+                log.warning(
+                    CANCEL_UNREAD.format(run_id=self.run_id, error=_describe(exc), wait=wait)
+                )
+                continue
+            if failures:
+                log.warning(STORE_BACK.format(run_id=self.run_id, failures=failures))
+                failures = 0
+            wait = self.poll_seconds
+            if reason is not None:
+                self._stop(reason, finished)
                 return
-            if reason is None and time.monotonic() >= self.deadline:
-                reason = RunState.TIMED_OUT
-            if reason is None:
-                try:
-                    reason = self.check()
-                except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
-                    failures += 1
-                    wait = self._backoff(failures)
-                    log.warning(
-                        CANCEL_UNREAD.format(run_id=self.run_id, error=_describe(exc), wait=wait)
-                    )
-                    continue
-                if failures:
-                    log.info(STORE_BACK.format(run_id=self.run_id, failures=failures))
-                    failures = 0
-                wait = self.poll_seconds
-                if reason is None:
-                    continue
+
+    def _stop(self, reason: RunState, finished: threading.Event) -> None:
+        failures = 0
+        while True:
             try:
                 self.stop(reason)
                 return

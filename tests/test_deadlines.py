@@ -31,17 +31,26 @@ pytestmark = pytest.mark.docker
 
 
 class FailingStore(Store):
-    """A real store whose run reads fail for a while (as when PostgreSQL restarts), or until
-    the run's container is being stopped."""
+    """A real store whose reads of a run from the watchdog's loop fail (or hang) for a while,
+    as when PostgreSQL restarts or its connection is cut, or until the run is being stopped."""
 
     fail_until = 0.0
     failed = 0
+    hang = False
     stopped_while_failing = False
 
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.released = threading.Event()
+
     def get_run(self, run_id: int) -> Run:
-        if time.monotonic() < self.fail_until:
+        in_loop = threading.current_thread().name == f"run-{run_id}-cancel"
+        if in_loop and time.monotonic() < self.fail_until:
             self.failed += 1
-            raise OperationalError("SELECT runs", {}, Exception("server closed the connection"))
+            if self.hang:
+                self.released.wait(60)
+            else:
+                raise OperationalError("SELECT runs", {}, Exception("server closed the connection"))
         return super().get_run(run_id)
 
     def add_event(
@@ -50,6 +59,7 @@ class FailingStore(Store):
         if kind == "stop":
             self.stopped_while_failing = time.monotonic() < self.fail_until
             self.fail_until = 0.0
+            self.released.set()
         super().add_event(run_id, kind, message, data)
 
 
@@ -92,7 +102,9 @@ def _store(tmp_path: Path) -> FailingStore:
     return FailingStore(Store.sqlite_url(tmp_path / "data"))
 
 
+@pytest.mark.parametrize("store_does", ["fail", "hang"])
 def test_timeout_holds_while_the_store_fails(
+    store_does: str,
     tmp_path: Path,
     runtime: DockerRuntime,
     base_image: str,
@@ -100,23 +112,24 @@ def test_timeout_holds_while_the_store_fails(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = _store(tmp_path)
-    engine = _engine(tmp_path, runtime, store, timeout=3)
+    engine = _engine(tmp_path, runtime, store, timeout=4)
     repo = light_repo(tmp_path / "repo")
     caplog.set_level(logging.WARNING, logger="bot.deadline")
-    thread, done = _start(store, engine, repo, "echo started > progress.txt; sleep 300")
-    wait_for_state(store, 1, RunState.AGENT, timeout=60)
+    # Every read of the run by the loop fails (or never answers) until it is being stopped.
+    store.hang = store_does == "hang"
+    store.fail_until = time.monotonic() + 600
     started = time.monotonic()
-    # Every read of the run fails from now until its container is being stopped.
-    store.fail_until = started + 600
-    thread.join(timeout=60)
+    thread, done = _start(store, engine, repo, "echo started > progress.txt; sleep 300")
+    thread.join(timeout=90)
     assert not thread.is_alive()
-    elapsed = time.monotonic() - started
     assert done and done[0].state == RunState.TIMED_OUT, done
-    assert elapsed < 3 + 10, elapsed  # stopped at its deadline, not once the store answered
+    assert done[0].reason and done[0].reason.startswith("timed out after 4s")
+    assert time.monotonic() - started < 60  # not the agent's 300 s
     assert store.failed > 0 and store.stopped_while_failing
-    warnings = [r.getMessage() for r in caplog.records]
-    assert any("could not read whether it was cancelled" in w for w in warnings), warnings
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_RUN}=1"}) == []
+    if store_does == "fail":
+        warnings = [r.getMessage() for r in caplog.records]
+        assert any("could not read whether it was cancelled" in w for w in warnings), warnings
+    assert _left(docker_client, store) == []
     store.close()
 
 
@@ -137,8 +150,14 @@ def test_cancel_lands_once_the_store_answers_again(
     # The failures delay the cancel by at most the loop's backoff, never for ever.
     assert time.monotonic() - asked < 4 + 15 + 10
     assert store.failed > 0
-    assert docker_client.containers.list(all=True, filters={"label": f"{LABEL_RUN}=1"}) == []
+    assert _left(docker_client, store) == []
     store.close()
+
+
+def _left(client: docker.DockerClient, store: Store) -> list[object]:
+    """What the run (run 1 of this store) left: containers and networks."""
+    mine = {"label": [f"{LABEL_RUN}=1", f"{LABEL_STORE}={store.key}"]}
+    return [*client.containers.list(all=True, filters=mine), *client.networks.list(filters=mine)]
 
 
 def _file_in(container: Any, path: str) -> bytes | None:
