@@ -317,6 +317,11 @@ class Engine:
     def _execute(self, run: Run, ctx: RunContext, observer: Observer | None) -> Run:
         obs = observer or NullObserver()
         masker = Masker(ctx.extra_secrets.values())
+        if run.reason:
+            # A run resumed after a requeue: why it went back to the queue is in its events,
+            # and no longer why it is where it is.
+            self.store.update_run(run.id, reason=None)
+            run = dataclasses.replace(run, reason=None)
         obs.state(run)
         container_id: str | None = None
         network: list[RunNetwork] = []

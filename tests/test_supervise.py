@@ -202,6 +202,7 @@ def test_sigterm_requeues_a_run_past_the_grace_and_another_worker_resumes_it(
     worker = Serve(tmp_path, "worker")
     serving.append(worker)
     wait_for_state(store, run_id, RunState.SUCCEEDED, timeout=90)
+    assert store.get_run(run_id).reason is None
     assert git(repo, "show", f"{branch}:progress.txt") == "started\nresumed"
     assert worker.terminate() == 0, worker.output()
     assert _run_containers(docker_client, store, run_id) == []
