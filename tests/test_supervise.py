@@ -130,6 +130,15 @@ def serving(tmp_path: Path, base_image: str) -> Iterator[list[Serve]]:
     for s in started:
         if s.proc.poll() is None:
             s.kill()
+            # What the killed worker left (a run's container, proxy, network) goes with the next
+            # command, as a person's next `trimo` would remove it.
+            subprocess.run(
+                [sys.executable, "-m", "bot", "image", "ls"],
+                env=s.env,
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
 
 
 def _run_containers(client: docker.DockerClient, store: Store, run_id: int) -> list[object]:
