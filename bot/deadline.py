@@ -32,7 +32,8 @@ Check = Callable[[], RunState | None]
 Stop = Callable[[RunState], None]
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """An error on one log line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
@@ -74,7 +75,7 @@ class Watchdog:
                 failures += 1
                 wait = self._backoff(failures)
                 log.warning(
-                    CANCEL_UNREAD.format(run_id=self.run_id, error=_describe(exc), wait=wait)
+                    CANCEL_UNREAD.format(run_id=self.run_id, error=describe_error(exc), wait=wait)
                 )
                 continue
             if failures:
@@ -94,7 +95,9 @@ class Watchdog:
             except Exception as exc:  # noqa: BLE001 - a stop that failed is tried again
                 failures += 1
                 wait = self._backoff(failures)
-                log.warning(STOP_FAILED.format(run_id=self.run_id, error=_describe(exc), wait=wait))
+                log.warning(
+                    STOP_FAILED.format(run_id=self.run_id, error=describe_error(exc), wait=wait)
+                )
                 if finished.wait(wait):
                     return
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import docker.errors
 
+from bot.deadline import describe_error
 from bot.engine import Engine, Observer, RunContext
 from bot.errors import NoSuchRunError
 from bot.runtime import ENGINE_UNREACHABLE, DockerRuntime, Leftover
@@ -36,6 +37,8 @@ DRAINING = "its worker ({owner}) is shutting down"
 # After the grace, how long a run has to checkpoint, publish and be requeued (the container's
 # stop grace, copying the bundle out, a push) before the worker exits without it.
 CHECKPOINT_SECONDS = 60
+CLAIM_BACKOFF_MAX_SECONDS = 30.0
+CLAIM_FAILED = "could not claim a run ({error}); trying again in {wait:g}s"
 
 
 def _process_start(pid: int) -> str:
@@ -165,18 +168,34 @@ class WorkerPool:
             self._loop_done.set()
 
     def _loop(self) -> None:
-        self._reap()
-        last_reap = time.monotonic()
+        # A store that fails (PostgreSQL restarting) costs a log line and a pause, never the
+        # loop: a worker whose process lives on but claims nothing would never be restarted.
+        failures = 0
+        last_reap = -float("inf")
         while not self._stop.is_set():
-            if time.monotonic() - last_reap > STALE_HEARTBEAT_SECONDS / 2:
-                self._reap()
-                last_reap = time.monotonic()
+            try:
+                if time.monotonic() - last_reap > STALE_HEARTBEAT_SECONDS / 2:
+                    self._reap()
+                    last_reap = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - tried again at the next turn
+                log.warning(
+                    "could not reap dead workers' runs (%s); trying again", describe_error(exc)
+                )
             if not self._busy.acquire(timeout=self.poll_seconds):
                 continue
             if self._stop.is_set():
                 self._busy.release()
                 return
-            run = self.store.claim_run(self.engine.owner)
+            try:
+                run = self.store.claim_run(self.engine.owner)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive the store's failures
+                self._busy.release()
+                failures += 1
+                wait = min(self.poll_seconds * 2**failures, CLAIM_BACKOFF_MAX_SECONDS)
+                log.warning(CLAIM_FAILED.format(error=describe_error(exc), wait=wait))
+                self._stop.wait(wait)
+                continue
+            failures = 0
             if run is None:
                 self._busy.release()
                 self._stop.wait(self.poll_seconds)

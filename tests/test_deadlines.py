@@ -23,7 +23,7 @@ from bot.secrets import ServerSecrets
 from bot.settings import Settings
 from bot.states import PipelineKind, RunState
 from bot.store import Run, Store
-from bot.worker import dispatch
+from bot.worker import WorkerPool, dispatch
 from bot.workspace import Remote, Workspace
 from tests.test_run_engine import Trimo, light_repo, wait_for_state
 
@@ -258,3 +258,43 @@ def build_step_containers(client: docker.DockerClient, marker: str) -> list[str]
     """The containers of an image build whose step runs the command holding `marker`."""
     # One listing call: containers that come and go between a list and an inspect are fine.
     return [str(c["Id"]) for c in client.api.containers(all=True) if marker in c["Command"]]
+
+
+class ClaimFailingStore(Store):
+    """A real store whose first claims fail, as while PostgreSQL restarts."""
+
+    failures_left = 3
+
+    def claim_run(self, worker_id: str, run_id: int | None = None) -> Run | None:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise OperationalError("UPDATE runs", {}, Exception("the database system is starting"))
+        return super().claim_run(worker_id, run_id)
+
+
+def test_a_worker_keeps_claiming_through_store_failures(
+    tmp_path: Path, runtime: DockerRuntime, base_image: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "data").mkdir()
+    store = ClaimFailingStore(Store.sqlite_url(tmp_path / "data"))
+    engine = _engine(tmp_path, runtime, store, timeout=60)
+    repo = light_repo(tmp_path / "repo")
+    pipeline = store.get_or_create_pipeline(
+        repo=str(repo), key="local:repo", kind=PipelineKind.LOCAL, branch="trimo/1-repo", title="x"
+    )
+    run = dispatch(store, pipeline, trigger="cli", task="x", agent_command="echo ok > ok.txt")
+    caplog.set_level(logging.WARNING, logger="bot.worker")
+    pool = WorkerPool(
+        engine, store, lambda r: RunContext(remote=Remote(str(repo))), size=1, poll_seconds=0.1
+    )
+    loop = threading.Thread(target=pool.run_forever, daemon=True)
+    loop.start()
+    try:
+        wait_for_state(store, run.id, RunState.SUCCEEDED, timeout=90)
+    finally:
+        pool.drain(grace=30)
+        loop.join(timeout=10)
+    assert store.failures_left == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("could not claim a run (OperationalError" in line for line in lines) == 3, lines
+    store.close()
