@@ -151,11 +151,11 @@ def test_a_killed_worker_is_restarted_and_runs_the_next_run(
 ) -> None:
     serve = Serve(tmp_path)
     serving.append(serve)
-    serve.wait_for_line("trimo worker:")
+    serve.wait_for_line("run slot(s) on the Docker engine")
     (first,) = serve.worker_pids()
     os.kill(first, signal.SIGKILL)
     serve.wait_for_line(f"the worker (pid {first}) exited with -9")
-    serve.wait_for_line("trimo worker:", count=2)
+    serve.wait_for_line("run slot(s) on the Docker engine", count=2)
     assert serve.worker_pids() and first not in serve.worker_pids()
     store = serve.store()
     run_id = _queue(store, light_repo(tmp_path / "repo"), "echo fine > fine.txt")
@@ -168,7 +168,7 @@ def test_sigterm_lets_a_run_within_the_grace_finish(
 ) -> None:
     serve = Serve(tmp_path, TRIMO_DRAIN_GRACE="60s")
     serving.append(serve)
-    serve.wait_for_line("trimo worker:")
+    serve.wait_for_line("run slot(s) on the Docker engine")
     store = serve.store()
     repo = light_repo(tmp_path / "repo")
     run_id = _queue(store, repo, "sleep 4; echo done > done.txt")
@@ -187,7 +187,7 @@ def test_sigterm_requeues_a_run_past_the_grace_and_another_worker_resumes_it(
 ) -> None:
     serve = Serve(tmp_path, TRIMO_DRAIN_GRACE="2s")
     serving.append(serve)
-    serve.wait_for_line("trimo worker:")
+    serve.wait_for_line("run slot(s) on the Docker engine")
     store = serve.store()
     repo = light_repo(tmp_path / "repo")
     run_id = _queue(store, repo, RESUMABLE)
@@ -222,7 +222,7 @@ def test_sigterm_during_an_image_build_stops_the_build_and_requeues_the_run(
 ) -> None:
     serve = Serve(tmp_path, TRIMO_DRAIN_GRACE="1s")
     serving.append(serve)
-    serve.wait_for_line("trimo worker:")
+    serve.wait_for_line("run slot(s) on the Docker engine")
     store = serve.store()
     marker = f"slow-build-{os.getpid()}-{time.monotonic_ns()}"
     repo = light_repo(
