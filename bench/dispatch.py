@@ -7,6 +7,8 @@ the bundle hand-back, verification and the push. Runs alternate, so machine nois
 The allowlist rows: the same `trimo run` with `network: {mode: allowlist}` (the run's own network
 and its egress proxy) against `network: {mode: none}` (neither), and a 50 MB download from a local
 HTTP server on the egress network, through a run's proxy against a container fetching it directly.
+An allowlist run takes the spare proxy the run before it started and starts the next one, as
+runs in a row do; the warm-up run is the one that starts its proxy itself.
 
     python bench/dispatch.py [--rounds 7] [--no-network]
 """
@@ -105,6 +107,7 @@ def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
     for i in range(rounds):
         none_times.append(trimo_run(none_repo, data, i))
         allow_times.append(trimo_run(allow_repo, data, i))
+    remove_spares(data)
     n, a = statistics.median(none_times), statistics.median(allow_times)
     direct, proxied = download_speeds(max(5, rounds))
     d, p = statistics.median(direct), statistics.median(proxied)
@@ -119,6 +122,20 @@ def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
         "direct_runs_mb_s": [round(x, 1) for x in direct],
         "proxied_runs_mb_s": [round(x, 1) for x in proxied],
     }
+
+
+def remove_spares(data: Path) -> None:
+    """The spare proxy the last allowlist run left for a next one: the bench leaves nothing."""
+    import docker
+
+    from bot.runtime import DockerRuntime
+    from bot.store import Store
+
+    store = Store(Store.sqlite_url(data))
+    runtime = DockerRuntime(docker.from_env())
+    for spare in runtime.spare_proxies(store.key):
+        runtime.remove(spare)
+    store.close()
 
 
 DOWNLOAD_MB = 50
@@ -209,6 +226,7 @@ def main() -> None:
         for i in range(args.rounds):
             bare_times.append(bare_run())
             trimo_times.append(trimo_run(repo, data, i))
+        remove_spares(data)  # these runs have the default network mode, allowlist
         net = {} if args.no_network else network_rows(args.rounds, Path(tmp))
     t, b = statistics.median(trimo_times), statistics.median(bare_times)
     result = {

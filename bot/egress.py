@@ -5,6 +5,12 @@ that network (as `trimo-proxy`) and on the engine's egress network, and enforces
 network policy. Its refusals are read from its log as they happen and become the run's log lines
 and the report's list of blocked hosts. Everything goes through the Docker API, so a remote engine
 works the same.
+
+Starting a container is the slow part of making a proxy, so a run takes a spare one that an
+earlier run started (paused on the egress network, with no policy: it serves nobody), joins it to
+its network and hands it its policy; then it starts the spare for the next run, off its own path.
+A spare serves one run only and goes with it; with none at hand (the first run, or a proxy image
+that changed) the run starts a proxy of its own as before.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 PROXY_IMAGE = "trimo/proxy:bookworm"
 PROXY_URL = f"http://{PROXY_ALIAS}:{PROXY_PORT}"
 LOG_JOIN_SECONDS = 5.0
+# How long a proxy may take to read its policy and say it listens.
+LISTEN_SECONDS = 15.0
 
 
 def ensure_proxy_image(client: docker.DockerClient, progress: images.Progress | None = None) -> str:
@@ -72,6 +80,8 @@ class RunNetwork:
     ) -> None:
         self.runtime = runtime
         self.name = spec.network
+        self.owner = spec.owner
+        self.store = spec.store
         self.on_blocked = on_blocked
         self.network_id: str | None = None
         self.proxy_id: str | None = None
@@ -80,6 +90,11 @@ class RunNetwork:
         self._reader: threading.Thread | None = None
         self._closing = False
         self._closer: threading.Thread | None = None
+        self._spare: threading.Thread | None = None
+        self._image: tuple[str, str] | None = None
+        self._listening = threading.Event()  # set when it listens, or its log ended
+        self._listens = False
+        self._run_gone = threading.Event()
         self._lock = threading.Lock()
         self._maker = threading.Thread(
             target=self._make, args=(spec, policy, proxy_image), name=f"{self.name}-make"
@@ -92,24 +107,67 @@ class RunNetwork:
         try:
             self.network_id = self.runtime.create_network(self.name, spec)
             image = proxy_image()
+            image_id = self.runtime.image_id(image)
             with self._lock:
                 if self._closing:
                     return
-                self.proxy_id = self.runtime.start_proxy(
-                    ProxySpec(
-                        image=image,
-                        run=spec,
-                        run_network=self.name,
-                        alias=PROXY_ALIAS,
-                        env={"TRIMO_PROXY_POLICY": policy.proxy_json()},
+                self.proxy_id = self._claim(image_id, policy)
+                if self.proxy_id is None:
+                    self.proxy_id = self.runtime.start_proxy(
+                        ProxySpec(
+                            image=image,
+                            run=spec,
+                            run_network=self.name,
+                            alias=PROXY_ALIAS,
+                            env={"TRIMO_PROXY_POLICY": policy.proxy_json()},
+                        )
                     )
-                )
+                self._image = (image, image_id)
             self._reader = threading.Thread(
                 target=self._read, name=f"{self.name}-proxy-log", daemon=True
             )
             self._reader.start()
+            # The policy is in and the socket bound: the run's first connection is answered.
+            self._listening.wait(LISTEN_SECONDS)
+            if not self._listens:
+                raise TrimoError(f"it stopped, or did not listen within {LISTEN_SECONDS:.0f}s")
         except Exception as exc:  # noqa: BLE001 - handed to the engine's thread by ready()
             self._error = exc
+
+    def _claim(self, image_id: str, policy: NetworkPolicy) -> str | None:
+        """A spare proxy, on this run's network and given its policy; None if there is none."""
+        proxy = self.runtime.claim_spare_proxy(self.store, image_id, f"{self.name}-proxy")
+        if proxy is None:
+            return None
+        try:
+            # Joined before the policy is in: a connection that early waits in its backlog.
+            self.runtime.join_run_network(proxy, self.name, PROXY_ALIAS)
+            self.runtime.send_line(proxy, policy.proxy_json())
+        except (docker.errors.DockerException, OSError) as exc:
+            log.warning("spare proxy %s failed, starting another: %s", proxy[:12], exc)
+            self.runtime.remove(proxy)
+            return None
+        return proxy
+
+    def started(self) -> None:
+        """The run's agent (or tests) started: the next run's spare is started now, off this
+        run's path (called again, it does nothing)."""
+        with self._lock:
+            if self._image is None or self._spare is not None or self._closing:
+                return
+            self._spare = threading.Thread(
+                target=self._start_spare, args=self._image, name=f"{self.name}-spare"
+            )
+            self._spare.start()
+
+    def _start_spare(self, image: str, image_id: str) -> None:
+        """The next run's proxy, unless a spare of this image waits already."""
+        try:
+            if not self.runtime.spare_proxies(self.store, image_id):
+                self.runtime.start_spare_proxy(image, self.owner, self.store)
+        except (docker.errors.DockerException, RuntimeError) as exc:
+            # The next run starts a proxy of its own: slower, never less safe.
+            log.warning("could not start a spare egress proxy: %s", exc)
 
     def ready(self) -> None:
         """Wait until network and proxy are up; raises what went wrong making them."""
@@ -121,26 +179,39 @@ class RunNetwork:
         assert self.proxy_id is not None
         try:
             for line in self.runtime.lines(self.proxy_id):
+                if not self._listens and '"listening"' in line:
+                    self._listens = True
+                    self._listening.set()
                 blocked = parse_proxy_line(line)
                 if blocked is not None:
                     self.blocked.append(blocked)
                     self.on_blocked(blocked)
         except docker.errors.DockerException as exc:
             log.debug("proxy log of %s ended: %s", self.name, exc)
+        finally:
+            self._listening.set()  # a proxy that stopped before it listened is an error now
 
     def release(self) -> None:
-        """The run's container has exited: the proxy and network go on a thread of their own,
-        while the engine publishes the result; `close` waits for them."""
+        """The run's container has exited: the proxy goes on a thread of its own, and the
+        network once `run_gone` says the container went too, while the engine fetches and
+        publishes the result; `close` waits for both."""
         with self._lock:
             if self._closer is not None:
                 return
             self._closer = threading.Thread(target=self._remove, name=f"{self.name}-close")
         self._closer.start()
 
+    def run_gone(self) -> None:
+        """The run's container is removed: nothing but the proxy holds the network now."""
+        self._run_gone.set()
+
     def close(self) -> None:
         self.release()
+        self.run_gone()
         assert self._closer is not None
         self._closer.join()
+        if self._spare is not None:
+            self._spare.join()
         if self.network_id is not None:
             # Removal failed while the run's container held it: it has gone by now.
             self.runtime.remove_network(self.network_id)
@@ -149,11 +220,22 @@ class RunNetwork:
         with self._lock:
             self._closing = True
         self._maker.join()
+        network = threading.Thread(target=self._remove_network, name=f"{self.name}-remove")
         if self.proxy_id is not None:
+            # The run's container has exited, so nothing connects any more: off the run's
+            # network first, and the network goes while the proxy stops.
+            self.runtime.leave_network(self.proxy_id, self.name)
+            network.start()
             # Stopping first lets the log stream end with every line read.
             self.runtime.kill(self.proxy_id)
             if self._reader is not None:
                 self._reader.join(LOG_JOIN_SECONDS)
             self.runtime.remove(self.proxy_id)
+        else:
+            network.start()
+        network.join()
+
+    def _remove_network(self) -> None:
+        self._run_gone.wait()
         if self.network_id is not None and self.runtime.remove_network(self.network_id):
             self.network_id = None

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -365,7 +365,9 @@ class Engine:
             )
             with control.lock:
                 control.container_id = container_id
-            outcome, out_dir = self._watch(run, container_id, config, masker, obs, control, agent)
+            outcome, out_dir = self._watch(
+                run, container_id, config, masker, obs, control, agent, network
+            )
             # Every value the run was given (and the model keys it was not): none of them may
             # leave in what Trimo publishes.
             handed_out = {**ctx.extra_secrets, **secrets, **model_keys}
@@ -375,8 +377,12 @@ class Engine:
                 # before the network goes, and its last usage is in the report before publishing.
                 gateway.close()
                 gateway = None
+            # Its results are out: the container goes now, and so its network (which the proxy
+            # left when the container exited) can go while the result is published.
+            self.runtime.remove(container_id)
+            container_id = None
             for net in network:
-                net.release()
+                net.run_gone()
             try:
                 outcome = self._finish(
                     run, checkout, config, outcome, out_dir, masker, obs, ctx, handed_out
@@ -794,6 +800,7 @@ class Engine:
         obs: Observer,
         control: _Control | None = None,
         preset: Preset | None = None,
+        network: Sequence[RunNetwork] = (),
     ) -> tuple[_Outcome, Path | None]:
         timeout = config.timeout_or(self.default_timeout)
         control = control or _Control(self, run.id, self.runtime.watch().breaks)
@@ -873,10 +880,18 @@ class Engine:
                     state = _PHASE_STATES.get(phase)
                     if state is not None:
                         obs.state(self.store.set_state(run.id, state))
+                    if state in (RunState.AGENT, RunState.TESTING):
+                        # Preboot is done: the next run's spare proxy starts while this one's
+                        # agent mostly waits (on its model), not while the container boots.
+                        for net in network:
+                            net.started()
             flush()
             code = self.runtime.wait(cid)
         finally:
             finished.set()
+            # The proxy and network go while the results are fetched and published.
+            for net in network:
+                net.release()
         if not control.reasons and code != ExitCode.SUCCESS:
             # Nobody here stopped it: was it its engine, going down?
             settle = 0 if code in _RESULT_CODES else ENGINE_SETTLE_SECONDS

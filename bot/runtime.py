@@ -8,9 +8,11 @@ labels, which is how the reaper finds what a crashed run left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
+import secrets
 import tarfile
 import threading
 import time
@@ -40,6 +42,12 @@ ROLE_RUN = "run"
 ROLE_PROXY = "proxy"
 ROLE_GATEWAY = "gateway"
 ROLE_NETWORK = "network"
+# A proxy started ahead of any run, paused on the egress network alone and given no policy; the
+# one run that unpauses it names it after itself and hands it that run's policy (see egress.py).
+ROLE_SPARE = "spare-proxy"
+SPARE_PREFIX = "trimo-spare-proxy-"
+# A spare nobody claimed for this long is removed by the reaper (a later run starts another).
+SPARE_MAX_AGE_SECONDS = 3600
 # The one non-internal network of an engine: proxies reach the internet through it, runs never.
 EGRESS_NETWORK = "trimo-egress"
 LABEL_EGRESS = "trimo.egress"
@@ -138,6 +146,7 @@ class Leftover:
     owner: str
     status: str
     kind: str = "container"
+    name: str = ""
 
 
 class Runtime(Protocol):
@@ -369,6 +378,101 @@ class DockerRuntime:
             raise
         return cid
 
+    def start_spare_proxy(self, image: str, owner: str, store: str) -> str:
+        """A proxy for a run of `store` yet to come: started now, so no run waits for it, then
+        paused. It is on the egress network only, has no policy and so serves nobody; its stdin
+        stays open for the policy of the run that claims it."""
+        labels = {
+            LABEL_MANAGED: "1",
+            LABEL_ROLE: ROLE_SPARE,
+            LABEL_OWNER: owner,
+            LABEL_STORE: store,
+        }
+        # Hardened as the proxy of a run is (create_sidecar), with stdin open for the policy.
+        container: Container = self.client.containers.create(
+            image=image,
+            detach=True,
+            labels=labels,
+            name=f"{SPARE_PREFIX}{secrets.token_hex(6)}",
+            network=self.ensure_egress_network(),
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            read_only=True,
+            mem_limit=PROXY_MEMORY_BYTES,
+            memswap_limit=PROXY_MEMORY_BYTES,
+            pids_limit=PROXY_PIDS,
+            user="nobody",
+            stdin_open=True,
+        )
+        try:
+            self.client.api.start(container.id)
+            # Paused once it waits for its policy: a process still loading may refuse to freeze.
+            stream = self.client.api.logs(container.id, stream=True, follow=True)
+            seen = b""
+            try:
+                for chunk in stream:
+                    seen += chunk
+                    if b'"waiting"' in seen:
+                        break
+                else:
+                    raise RuntimeError("the spare proxy stopped before it waited for a policy")
+            finally:
+                stream.close()
+            self.client.api.pause(container.id)
+        except BaseException:
+            self.remove(str(container.id))
+            raise
+        return str(container.id)
+
+    def spare_proxies(self, store: str, image_id: str | None = None) -> list[str]:
+        """The paused spares of `store` and `image_id` (any image when None), oldest first."""
+        labels = [f"{LABEL_ROLE}={ROLE_SPARE}", f"{LABEL_STORE}={store}"]
+        found = self.client.api.containers(filters={"label": labels, "status": "paused"})
+        return [
+            str(c["Id"])
+            for c in sorted(found, key=lambda c: int(c.get("Created", 0)))
+            if image_id is None or c.get("ImageID") == image_id
+        ]
+
+    def claim_spare_proxy(self, store: str, image_id: str, name: str) -> str | None:
+        """Take a paused spare of `store` and `image_id` for one run and name it `name`; None
+        if there is none. Unpausing is the claim: the engine lets exactly one caller unpause a
+        container, so two runs never share a spare."""
+        for spare in self.spare_proxies(store, image_id):
+            try:
+                self.client.api.unpause(spare)
+            except docker.errors.APIError:
+                continue  # another run unpaused it first, or it is gone
+            try:
+                # Named after the run's network: the reaper knows whose it is from then on.
+                self.client.api.rename(spare, name)
+            except docker.errors.APIError as exc:
+                log.warning("could not take spare proxy %s: %s", spare[:12], exc)
+                self.remove(spare)
+                continue
+            return spare
+        return None
+
+    def join_run_network(self, container_id: str, network: str, alias: str) -> None:
+        self.client.api.connect_container_to_network(container_id, network, aliases=[alias])
+
+    def leave_network(self, container_id: str, network: str) -> None:
+        """Detach a container from `network`; one already gone or detached is no error."""
+        with contextlib.suppress(docker.errors.APIError):
+            self.client.api.disconnect_container_from_network(container_id, network, force=True)
+
+    def send_line(self, container_id: str, line: str) -> None:
+        """Write one line to the container's stdin (kept open since it was created)."""
+        sock = self.client.api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+        try:
+            raw = getattr(sock, "_sock", sock)
+            raw.sendall(line.encode() + b"\n")
+        finally:
+            sock.close()
+
+    def image_id(self, image: str) -> str:
+        return str(self.client.api.inspect_image(image)["Id"])
+
     def put_archive(self, container_id: str, path: str, data: bytes) -> None:
         if not self.client.api.put_archive(container_id, path, data):
             raise RuntimeError(f"could not upload into {path} of container {container_id[:12]}")
@@ -504,6 +608,8 @@ class DockerRuntime:
         labels_filter = [f"{LABEL_MANAGED}=1", f"{LABEL_STORE}={store}"]
         for c in self.client.api.containers(all=True, filters={"label": labels_filter}):
             labels = c.get("Labels") or {}
+            if labels.get(LABEL_ROLE) == ROLE_SPARE:
+                continue  # a spare is judged by whose network it is on (dead_spares)
             run = labels.get(LABEL_RUN, "")
             found.append(
                 Leftover(
@@ -529,8 +635,41 @@ class DockerRuntime:
                     owner=labels.get(LABEL_OWNER, ""),
                     status="",
                     kind="network",
+                    name=str(n.get("Name", "")),
                 )
             )
+        return found
+
+    def dead_spares(self, store: str, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
+        """Spare proxies to remove: unclaimed ones past SPARE_MAX_AGE_SECONDS, stopped or left
+        unpaused by a maker that is gone, of any store (they serve nobody; a store whose data is
+        gone leaves them too), and claimed ones
+        (named `<run network>-proxy`) whose run in `store` is over or whose network is gone.
+        A spare claimed by another store's run is that store's to judge."""
+        networks = {n.name: n for n in self.leftover_networks(store)}
+        found = []
+        now = time.time()
+        for c in self.client.api.containers(
+            all=True, filters={"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
+        ):
+            name = str((c.get("Names") or ["/"])[0]).lstrip("/")
+            state = str(c.get("State", ""))
+            maker = str((c.get("Labels") or {}).get(LABEL_OWNER, ""))
+            spare = Leftover(str(c["Id"]), None, maker, state, kind="spare proxy", name=name)
+            if name.startswith(SPARE_PREFIX):
+                too_old = now - int(c.get("Created", 0)) > SPARE_MAX_AGE_SECONDS
+                # Not paused and its maker gone: its start was cut short (a claim that comes
+                # upon it this moment fails its rename and starts a proxy of its own).
+                cut_short = state != "paused" and is_dead(spare)
+                if too_old or cut_short or state in ("exited", "dead"):
+                    found.append(spare)
+                continue
+            network = networks.get(name.removesuffix("-proxy"))
+            if network is not None:
+                if is_dead(network):
+                    found.append(dataclasses.replace(spare, run_id=network.run_id))
+            elif not self.client.api.networks(names=[name.removesuffix("-proxy")]):
+                found.append(spare)
         return found
 
     def reap(self, store: str, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
@@ -540,6 +679,9 @@ class DockerRuntime:
             if is_dead(leftover):
                 self.remove(leftover.container_id)
                 removed.append(leftover)
+        for leftover in self.dead_spares(store, is_dead):
+            self.remove(leftover.container_id)
+            removed.append(leftover)
         # Containers first: a network with a container attached cannot go.
         for leftover in self.leftover_networks(store):
             if is_dead(leftover):

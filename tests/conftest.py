@@ -17,7 +17,7 @@ from bot.agents import PRESETS
 from bot.egress import PROXY_IMAGE
 from bot.gateway.sidecar import GATEWAY_IMAGE
 from bot.images import BASE_IMAGE, LABEL_CONTEXT
-from bot.runtime import LABEL_OWNER, DockerRuntime
+from bot.runtime import LABEL_OWNER, LABEL_ROLE, ROLE_SPARE, SPARE_PREFIX, DockerRuntime
 from bot.store import Store
 from tests.agent_layers import PREBUILD, ensure_test_base
 from tests.containers import TEST_OWNER
@@ -80,7 +80,14 @@ def docker_client() -> Iterator[docker.DockerClient]:
     client.ping()
     before = {img.id for img in client.images.list(all=True)}
     networks_before = {n.id for n in client.networks.list(filters={"label": "trimo.managed=1"})}
+    spare = {"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
+    spares_before = {c.id for c in client.containers.list(all=True, filters=spare)}
     yield client
+    # Spare proxies the session's runs started and no run took (a taken one went with its run).
+    for c in client.containers.list(all=True, filters=spare):
+        if c.id not in spares_before and c.name.startswith(SPARE_PREFIX):
+            with contextlib.suppress(docker.errors.APIError):
+                c.remove(force=True, v=True)
     # Images that runs built during the session (project images of test repositories) go too;
     # the base image stays, as the engine had it or as the session made it.
     kept = kept_image_ids(client)

@@ -22,17 +22,21 @@ from typing import Any
 import docker
 import pytest
 
-from bot.egress import host_addresses
+from bot import runtime as runtime_module
+from bot.egress import ensure_proxy_image, host_addresses
 from bot.network import NetworkMode
 from bot.runtime import (
     EGRESS_NETWORK,
     LABEL_ROLE,
     LABEL_RUN,
     LABEL_STORE,
+    ROLE_SPARE,
     RUN_CAPABILITIES,
+    ContainerSpec,
     DockerRuntime,
 )
 from bot.states import RunState
+from tests.containers import TEST_OWNER
 from tests.test_run_engine import Trimo, light_repo
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -380,3 +384,96 @@ def test_network_mode_is_capped_by_the_server(tmp_path: Path, base_image: str) -
         "network: 'bridge' is the old form of this setting and now means {mode: open}" in r.stdout
     )
     assert "the server allows at most allowlist, so the run gets allowlist" in r.stdout
+
+
+def spares_of(client: docker.DockerClient, store_key: str) -> list[str]:
+    labels = [f"{LABEL_ROLE}={ROLE_SPARE}", f"{LABEL_STORE}={store_key}"]
+    return [c.id for c in client.containers.list(all=True, filters={"label": labels})]
+
+
+def test_a_run_takes_the_spare_proxy_an_earlier_run_started_with_its_own_policy(
+    tmp_path: Path, base_image: str, docker_client: docker.DockerClient, file_server: str
+) -> None:
+    trimo = Trimo(tmp_path / "data")
+    repo = light_repo(tmp_path / "repo", "network: {mode: allowlist}\n")
+    first = trimo("run", "--repo", str(repo), "--task", "first", "--agent", "true")
+    assert first.returncode == 0, first.stdout + first.stderr
+    key = trimo.store().key
+    # The first run left the next run's proxy: paused, on the egress network alone.
+    (spare,) = spares_of(docker_client, key)
+    container = docker_client.containers.get(spare)
+    assert container.status == "paused"
+    assert set(container.attrs["NetworkSettings"]["Networks"]) == {EGRESS_NETWORK}
+    # The second run names the file server an internal host: only its own policy lets it in.
+    fetch = f"curl -sS -m 5 http://{file_server}:8080/count; echo"
+    second = trimo(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "second",
+        "--agent",
+        fetch,
+        TRIMO_NETWORK_INTERNAL_HOSTS=file_server,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert connections(docker_client, file_server) == 1
+    # It took the spare (which went with it) and left another for the run after it.
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(spare)
+    (following,) = spares_of(docker_client, key)
+    assert following != spare
+    assert docker_client.containers.get(following).status == "paused"
+    # A third run without the internal host: the spare it takes refuses the server, whatever
+    # the run before asked for.
+    third = trimo("run", "--repo", str(repo), "--task", "third", "--agent", fetch)
+    assert f"Trimo's network policy refused GET {file_server}:8080" in third.stdout
+    assert f"network: blocked GET {file_server}:8080" in third.stdout
+    assert connections(docker_client, file_server) == 2  # the second run's, and one question
+
+
+def test_the_reaper_removes_spares_nobody_takes_and_those_of_finished_runs(
+    docker_client: docker.DockerClient,
+    runtime: DockerRuntime,
+    base_image: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = ensure_proxy_image(docker_client)
+    image_id = runtime.image_id(image)
+    store = f"test-spares-{uuid.uuid4().hex[:8]}"
+    spec = ContainerSpec(
+        image=image, run_id=7, pipeline_id=1, owner=TEST_OWNER, store=store,
+        name=f"trimo-test-run-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    assert spec.name is not None
+    network = runtime.create_network(spec.name, spec)
+    unclaimed = runtime.start_spare_proxy(image, TEST_OWNER, store)
+    claimed = runtime.start_spare_proxy(image, TEST_OWNER, store)
+    try:
+        # Two runs never take the same spare: each unpause is a claim only one wins.
+        taken = runtime.claim_spare_proxy(store, image_id, f"{spec.name}-proxy")
+        assert taken == unclaimed  # the oldest first
+        with pytest.raises(docker.errors.APIError):
+            docker_client.api.unpause(taken)
+        runtime.join_run_network(taken, spec.name, "trimo-proxy")
+        mine = {taken, claimed, network}
+        # A paused spare, and one whose run goes on, stay.
+        live = runtime.reap(store, lambda leftover: False)
+        assert [r for r in live if r.container_id in mine] == []
+        finished = runtime.reap(store, lambda leftover: leftover.run_id == 7)
+        assert {(r.kind, r.container_id) for r in finished if r.container_id in mine} == {
+            ("spare proxy", taken),
+            ("network", network),
+        }
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(taken)
+        assert docker_client.containers.get(claimed).status == "paused"
+        # An unclaimed spare past its age is the reaper's too, whatever store is reaping (only
+        # asked here: the engine may hold other sessions' spares).
+        monkeypatch.setattr(runtime_module, "SPARE_MAX_AGE_SECONDS", -1)
+        aged = runtime.dead_spares("another-store", lambda leftover: False)
+        assert claimed in {r.container_id for r in aged}
+    finally:
+        for cid in (unclaimed, claimed):
+            runtime.remove(cid)
+        runtime.remove_network(network)
