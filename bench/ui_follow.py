@@ -31,7 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.states import PipelineKind, RunState  # noqa: E402
+from bot.states import LIVE, PipelineKind, RunState  # noqa: E402
 from bot.store import Store  # noqa: E402
 
 BATCH = 100
@@ -53,7 +53,7 @@ def new_run(store: Store, name: str, lines: int, state: RunState) -> int:
         title=name,
     )
     run = store.create_run(pipeline.id, trigger="bench", task="t")
-    store.set_state(run.id, state)
+    store.set_state(run.id, state, expect=LIVE)
     for start in range(0, lines, 5000):
         store.add_logs(
             run.id, [f"{name} line {i} " + "x" * 60 for i in range(start, min(lines, start + 5000))]

@@ -8,10 +8,12 @@ outside the container (`docker stop`, which makes the runner checkpoint the work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -40,6 +42,7 @@ from bot.gateway.network import run_network
 from bot.gateway.policy import ModelPolicy
 from bot.gateway.sidecar import Gateway, GatewaySpec, start_gateway
 from bot.junit import TestReport, parse_junit
+from bot.leases import LeaseKeeper, LeaseTerms
 from bot.logs import about_run
 from bot.masking import Masker
 from bot.network import (
@@ -72,7 +75,7 @@ from bot.repoconfig import (
 from bot.runtime import ENGINE_UNREACHABLE, ContainerSpec, DockerRuntime, files_tar
 from bot.secrets import MissingSecretError, Secrets
 from bot.secretscan import SecretInResult, refuse_secrets
-from bot.states import RunMode, RunState
+from bot.states import ACTIVE, RunMode, RunState
 from bot.store import Run, Store
 from bot.workspace import Checkout, PushDenied, Remote, Result, Workspace
 
@@ -105,6 +108,7 @@ PREBOOT_FAILED = "preboot failed (exit {code}); the agent did not start"
 AGENT_FAILED = "the agent exited with {code}"
 TESTS_FAILED = "tests failed"
 CANCELLED = "cancelled"
+LEASE_LOST = "its worker lost the run's lease (no renewal reached the store in time)"
 TIMED_OUT = "timed out after {seconds}s; the work so far was committed and pushed"
 RUNNER_TIMED_OUT = (
     "timed out after {seconds}s: the container stopped itself at its deadline; "
@@ -274,6 +278,7 @@ class Engine:
         network_limits: NetworkLimits | None = None,
         models: ModelPolicy | None = None,
         image_build_timeout: int = DEFAULT_IMAGE_BUILD_TIMEOUT,
+        lease: LeaseTerms | None = None,
     ) -> None:
         self.store = store
         self.workspace = workspace
@@ -291,12 +296,24 @@ class Engine:
         # The runs this engine executes now, by id: what `requeue` can reach.
         self._controls: dict[int, _Control] = {}
         self._controls_lock = threading.Lock()
+        self.leases = LeaseKeeper(store, owner, lease or LeaseTerms())
 
     @property
     def docker(self) -> docker.DockerClient:
         return self.runtime.client
 
     # -- the run ---------------------------------------------------------------------------------
+
+    def claim(self, run_id: int | None = None) -> Run | None:
+        """Claim the oldest queued run (or `run_id`) for this engine's worker, under a lease
+        that `execute` keeps renewed."""
+        return self.store.claim_run(
+            self.owner,
+            run_id,
+            host=socket.gethostname(),
+            engine_id=self.runtime.engine_id,
+            lease=self.leases.terms.length,
+        )
 
     def execute(self, run: Run, ctx: RunContext, observer: Observer | None = None) -> Run:
         """Drive a claimed run (state `preparing`) to a finished state, or back to `queued` when
@@ -332,6 +349,15 @@ class Engine:
         control = _Control(self, run.id, watch.breaks)
         with self._controls_lock:
             self._controls[run.id] = control
+        # Renewed from the keeper's thread whatever this one is doing, until the run is over.
+        lease_lost = threading.Event()
+
+        def on_lease_lost() -> None:
+            lease_lost.set()
+            control.stop(RunState.ERROR, LEASE_LOST)
+
+        lease = contextlib.ExitStack()
+        lease.enter_context(self.leases.hold(run.id, on_lease_lost))
         try:
             if ctx.refusal:
                 raise RunRefused(ctx.refusal)
@@ -360,6 +386,8 @@ class Engine:
                 )
                 if agent.name == "aider" and config.test.command:
                     agent_env["TRIMO_AGENT_TEST_COMMAND"] = config.test.command
+            if lease_lost.is_set():
+                raise TrimoError(LEASE_LOST)
             container_id = self._create(
                 run, checkout, config, spec, secrets, network, agent, agent_env
             )
@@ -428,6 +456,8 @@ class Engine:
                 self.runtime.remove_network(gateway_network)
             with self._controls_lock:
                 self._controls.pop(run.id, None)
+            # Held until here: what the run made is gone, and only its final state is left.
+            lease.close()
         reason = masker.mask(outcome.reason) if outcome.reason else None
         fields: dict[str, Any] = {}
         if outcome.tail:
@@ -440,10 +470,13 @@ class Engine:
                 reason = masker.mask(current.cancel_reason)
         if outcome.state == RunState.QUEUED:
             # Nobody owns it now: the next claim takes it, like any queued run.
-            fields.update(worker_id=None, container_id=None)
+            # (set_state: back in the queue, no worker holds it.)
+            fields.update(container_id=None)
             if control.detail:
                 reason = masker.mask(REQUEUED.format(why=control.detail))
-        final = self.store.set_state(run.id, outcome.state, reason=reason, **fields)
+        final = self.store.set_state(
+            run.id, outcome.state, expect=ACTIVE, owner=self.owner, reason=reason, **fields
+        )
         obs.state(final)
         return final
 
@@ -870,7 +903,8 @@ class Engine:
                 flush()
                 events[event.kind] = event.data
                 if event.kind == "heartbeat":
-                    self.store.heartbeat(run.id)
+                    # The run's liveness is its worker's lease (bot/leases.py), renewed in every
+                    # phase; the runner's heartbeat only shows its stream is alive.
                     continue
                 self.store.add_event(
                     run.id, "event", event.kind, cast(dict[str, Any], masker.mask_obj(event.data))
@@ -879,7 +913,9 @@ class Engine:
                     phase = str(event.data.get("phase"))
                     state = _PHASE_STATES.get(phase)
                     if state is not None:
-                        obs.state(self.store.set_state(run.id, state))
+                        obs.state(
+                            self.store.set_state(run.id, state, expect=ACTIVE, owner=self.owner)
+                        )
                     if state in (RunState.AGENT, RunState.TESTING):
                         # Preboot is done: the next run's spare proxy starts while this one's
                         # agent mostly waits (on its model), not while the container boots.
@@ -991,7 +1027,13 @@ class Engine:
         bundle = out_dir / BUNDLE_FILE if out_dir is not None else None
         if bundle is None or not bundle.is_file():
             return outcome
-        obs.state(self.store.set_state(run.id, RunState.PUBLISHING))
+        publishing = self.store.set_state(
+            run.id, RunState.PUBLISHING, expect=ACTIVE, owner=self.owner
+        )
+        obs.state(publishing)
+        if publishing.state != RunState.PUBLISHING:
+            # Finished meanwhile (its lease lost, and the run reaped): nothing is published.
+            return outcome
         try:
             result = self.workspace.import_bundle(checkout, bundle, run_id=run.id)
             self._keep_result(run, checkout, result)

@@ -243,6 +243,7 @@ class DockerRuntime:
         if client is None:
             client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
         self.client = client
+        self._engine_id: str | None = None
         # Given explicitly (else the environment's, as docker.from_env reads it).
         self._given_url = url or base_url
         # What people call this engine in messages: its DOCKER_HOST.
@@ -267,6 +268,15 @@ class DockerRuntime:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
+
+    @property
+    def engine_id(self) -> str:
+        """The engine's own id (`docker info`: one per dockerd and data root), whatever URL
+        reaches it: stored with each run, so only a worker on that engine removes its
+        containers."""
+        if self._engine_id is None:
+            self._engine_id = str(self.client.info()["ID"])
+        return self._engine_id
 
     def create(self, spec: ContainerSpec) -> str:
         memory = spec.memory_bytes or DEFAULT_MEMORY_BYTES

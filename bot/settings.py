@@ -6,6 +6,7 @@ import json
 import os
 import tomllib
 from contextvars import ContextVar
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic_settings import (
 from bot.cacerts import read_certificates
 from bot.errors import SettingsError
 from bot.gateway.policy import ModelPolicy
+from bot.leases import LeaseTerms
 from bot.network import HOST_EXPECTED, NetworkLimits, NetworkMode, valid_host_pattern
 from bot.repoconfig import DEFAULT_IMAGE_BUILD_TIMEOUT, DEFAULT_TIMEOUT_SECONDS, parse_duration
 from bot.secretscan import check_secret_value
@@ -138,6 +140,10 @@ class Settings(BaseSettings):
     database_url: str = Field("", repr=False)
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
     workers: int = Field(2, ge=1, le=64)
+    # A worker holds each run it executes under a lease it renews every `lease_renew_seconds`
+    # (bot/leases.py); a run whose lease lapsed `lease_seconds` ago is judged dead.
+    lease_seconds: float = Field(30.0, gt=0)
+    lease_renew_seconds: float = Field(5.0, gt=0)
     default_timeout: int = DEFAULT_TIMEOUT_SECONDS
     # The longest a repository's image build may take (its image.build_timeout may ask less).
     image_build_timeout: int = DEFAULT_IMAGE_BUILD_TIMEOUT
@@ -233,6 +239,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:
+        if self.lease_renew_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"lease_renew_seconds ({self.lease_renew_seconds:g}) must be at most half of "
+                f"lease_seconds ({self.lease_seconds:g}): one late renewal would let a live "
+                "run's lease lapse"
+            )
         data_dir = self.data_dir.expanduser()
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
@@ -324,6 +336,12 @@ class Settings(BaseSettings):
             }
         )
         return found
+
+    def lease_terms(self) -> LeaseTerms:
+        return LeaseTerms(
+            length=timedelta(seconds=self.lease_seconds),
+            renew_every=timedelta(seconds=self.lease_renew_seconds),
+        )
 
     def model_policy(self) -> ModelPolicy:
         """What the model gateway of each run is told: providers, prices, the daily cap."""

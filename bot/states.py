@@ -59,6 +59,8 @@ ACTIVE = frozenset(
         RunState.PUBLISHING,
     }
 )
+# Every state a run can still leave: queued, or held by a worker.
+LIVE = frozenset({RunState.QUEUED, *ACTIVE})
 
 
 class RunMode(StrEnum):

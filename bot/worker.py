@@ -1,8 +1,9 @@
 """Workers: who owns a run, dispatching (one live run per pipeline), claiming, and the reaper.
 
 A worker is a process; its id names the host, the pid and the process's start time, so a reused
-pid is never mistaken for the worker that died. Runs and containers carry that id. The reaper
-finishes what a dead worker left: its runs become `error` with the reason, its containers go.
+pid is never mistaken for the worker that died. Runs and containers carry that id, and each run
+a lease its worker renews (bot/leases.py). The reaper finishes what a dead worker left: runs
+whose lease expired become `error` with the reason, and their containers go.
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import docker.errors
 
 from bot.deadline import describe_error
 from bot.engine import Engine, Observer, RunContext
 from bot.errors import NoSuchRunError
+from bot.leases import lease_dead
 from bot.runtime import ENGINE_UNREACHABLE, DockerRuntime, Leftover
 from bot.states import ACTIVE, RunMode, RunState
 from bot.store import Pipeline, Run, Store
 
 log = logging.getLogger(__name__)
 
-STALE_HEARTBEAT_SECONDS = 120
 WORKER_DIED = (
-    "the worker running it ({owner}) stopped without finishing it; its container was removed"
+    "the worker running it ({owner}) stopped renewing its lease (last until {expired}); "
+    "it was ended by the worker {by}"
 )
 SUPERSEDED = "superseded by run {run_id}"
 DRAINING = "its worker ({owner}) is shutting down"
@@ -56,7 +57,7 @@ def worker_id() -> str:
 
 
 def owner_alive(owner: str) -> bool | None:
-    """Whether the worker `owner` still runs; None when it is on another host (ask heartbeats)."""
+    """Whether the worker `owner` still runs; None when it is on another host (its lease tells)."""
     try:
         host, pid, start = owner.rsplit(":", 2)
     except ValueError:
@@ -68,38 +69,48 @@ def owner_alive(owner: str) -> bool | None:
     return _process_start(int(pid)) == start and start != "0"
 
 
-def _heartbeat_stale(run: Run, now: datetime) -> bool:
-    last = run.heartbeat_at or run.started_at or run.created_at
-    return last is None or (now - last).total_seconds() > STALE_HEARTBEAT_SECONDS
+def reap(
+    store: Store, runtime: DockerRuntime | None, *, any_host: bool = True, me: str | None = None
+) -> list[str]:
+    """End the runs of dead workers and remove the containers of ended runs; says what it did.
 
-
-def reap(store: Store, runtime: DockerRuntime | None) -> list[str]:
-    """Finish the runs of dead workers and remove containers nobody owns; says what it did."""
+    A run is dead when its lease expired and its worker is shown gone (`lease_dead`). A worker
+    (`any_host`) ends such runs whatever host they ran on; a `trimo` command only those of its
+    own host, whose process it can check. Containers go only from `runtime`'s engine, and only
+    for runs whose engine that is: a run of another engine keeps its containers until a worker
+    there finds the run ended.
+    """
     said: list[str] = []
-    now = datetime.now(UTC)
-    dead_runs: set[int] = set()
-    for run in store.live_runs():
-        if run.state not in ACTIVE or not run.worker_id:
+    here = socket.gethostname()
+    by = me or worker_id()
+    engine_id = runtime.engine_id if runtime is not None else None
+    for run in store.expired_runs():
+        if not any_host and run.lease_host != here:
             continue
-        alive = owner_alive(run.worker_id)
-        if alive is False or (alive is None and _heartbeat_stale(run, now)):
-            dead_runs.add(run.id)
-            store.set_state(run.id, RunState.ERROR, reason=WORKER_DIED.format(owner=run.worker_id))
+        if not lease_dead(run, owner_alive, here):
+            continue
+        expired = (
+            run.lease_expires_at.isoformat(timespec="seconds") if run.lease_expires_at else "?"
+        )
+        reason = WORKER_DIED.format(owner=run.worker_id, expired=expired, by=by)
+        if store.reap_run(run.id, reason):
             said.append(f"run {run.id}: marked error (its worker {run.worker_id} is gone)")
     if runtime is None:
         return said
 
     def is_dead(leftover: Leftover) -> bool:
-        if leftover.run_id in dead_runs:
-            return True
-        if owner_alive(leftover.owner) is False:
-            return True
         if leftover.run_id is None:
-            return False
+            return owner_alive(leftover.owner) is False
         try:
-            return store.get_run(leftover.run_id).state.finished
+            run = store.get_run(leftover.run_id)
         except NoSuchRunError:
-            return False  # not ours to judge: only a provably dead owner (above) frees it
+            # Not ours to judge: only a provably dead owner frees it.
+            return owner_alive(leftover.owner) is False
+        if leftover.owner != run.worker_id:
+            return True  # left by an earlier attempt, since requeued: nobody runs it any more
+        if run.engine_id not in (None, engine_id):
+            return False  # the run's engine is another one: its workers judge its containers
+        return run.state.finished
 
     for leftover in runtime.reap(store.key, is_dead):
         said.append(
@@ -135,10 +146,7 @@ def dispatch(
         if old.id == run.id:
             continue
         store.update_run(old.id, superseded_by=run.id)
-        if old.state == RunState.QUEUED:
-            store.set_state(old.id, RunState.CANCELLED, reason=SUPERSEDED.format(run_id=run.id))
-        else:
-            store.request_cancel(old.id, SUPERSEDED.format(run_id=run.id))
+        store.cancel_run(old.id, SUPERSEDED.format(run_id=run.id))
     return run
 
 
@@ -171,10 +179,12 @@ class WorkerPool:
         # A store that fails (PostgreSQL restarting) costs a log line and a pause, never the
         # loop: a worker whose process lives on but claims nothing would never be restarted.
         failures = 0
+        # A dead worker's run is ended within about a lease and a half of its last renewal.
+        reap_every = self.engine.leases.terms.length.total_seconds() / 2
         last_reap = -float("inf")
         while not self._stop.is_set():
             try:
-                if time.monotonic() - last_reap > STALE_HEARTBEAT_SECONDS / 2:
+                if time.monotonic() - last_reap >= reap_every:
                     self._reap()
                     last_reap = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - tried again at the next turn
@@ -187,7 +197,7 @@ class WorkerPool:
                 self._busy.release()
                 return
             try:
-                run = self.store.claim_run(self.engine.owner)
+                run = self.engine.claim()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive the store's failures
                 self._busy.release()
                 failures += 1
@@ -201,13 +211,17 @@ class WorkerPool:
                 self._stop.wait(self.poll_seconds)
                 continue
             if self._stop.is_set():  # stopped while claiming: the run waits for the next worker
-                self.store.set_state(run.id, RunState.QUEUED, worker_id=None)
+                self.store.set_state(
+                    run.id, RunState.QUEUED, expect=RunState.PREPARING, owner=self.engine.owner
+                )
                 self._busy.release()
                 return
             try:
                 future = self._pool.submit(self._execute, run)
             except RuntimeError:  # stopping: leave the run for the next worker
-                self.store.set_state(run.id, RunState.QUEUED, worker_id=None)
+                self.store.set_state(
+                    run.id, RunState.QUEUED, expect=RunState.PREPARING, owner=self.engine.owner
+                )
                 self._busy.release()
                 return
             with self._futures_lock:
@@ -223,19 +237,18 @@ class WorkerPool:
         with self._futures_lock:
             return sorted(self._futures.values())
 
-    def _reap(self) -> None:
-        # An engine that is restarting leaves its leftovers to the next round; the worker goes on.
-        try:
-            reap(self.store, self.engine.runtime)
-        except (docker.errors.DockerException, *ENGINE_UNREACHABLE) as exc:
-            log.warning("the reaper could not reach the Docker engine: %s", exc)
-
     def _execute(self, run: Run) -> Run | None:
         try:
             return self.engine.execute(run, self.context_for(run), self.observer_for(run))
         except Exception:
             log.exception("run %s: could not execute", run.id)
-            self.store.set_state(run.id, RunState.ERROR, reason="internal error in the worker")
+            self.store.set_state(
+                run.id,
+                RunState.ERROR,
+                expect=ACTIVE,
+                owner=self.engine.owner,
+                reason="internal error in the worker",
+            )
             return None
         finally:
             self._busy.release()
@@ -272,6 +285,17 @@ class WorkerPool:
         until = time.monotonic() + seconds
         while self.live() and time.monotonic() < until:
             time.sleep(min(0.2, max(0.0, until - time.monotonic())))
+
+    def _reap(self) -> None:
+        # An engine that is restarting leaves its leftovers to the next round; the worker goes on.
+        try:
+            for line in reap(self.store, self.engine.runtime, me=self.engine.owner):
+                log.info("reaper: %s", line)
+        except (docker.errors.DockerException, *ENGINE_UNREACHABLE) as exc:
+            log.warning("the reaper could not reach the Docker engine: %s", exc)
+        except Exception:
+            # The next round tries again; claiming goes on meanwhile.
+            log.exception("the reaper failed")
 
     def stop(self, wait: bool = True) -> None:
         self._stop.set()

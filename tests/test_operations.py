@@ -22,7 +22,7 @@ from bot.logs import about_delivery, about_run, configure
 from bot.metrics import RunMetrics
 from bot.network import EGRESS_DENIED
 from bot.settings import Settings
-from bot.states import PipelineKind, RunState
+from bot.states import LIVE, PipelineKind, RunState
 from bot.store import Store
 from tests.conftest import GITHUB_FIXTURES
 from webhooks.app import create_app
@@ -79,7 +79,7 @@ def test_metrics_count_runs_phases_deliveries_github_calls_and_denials(
     )
     done = store.create_run(pipeline.id, trigger="label", task="t")
     for state in (RunState.PREPARING, RunState.AGENT, RunState.SUCCEEDED):
-        store.set_state(done.id, state)
+        store.set_state(done.id, state, expect=LIVE)
     store.create_run(pipeline.id, trigger="label", task="t")  # waits in the queue
     store.add_event(done.id, EGRESS_DENIED, "example.org:443", {"host": "example.org"})
     CALLS.record("GET", "ok", {"X-RateLimit-Remaining": "4321"})

@@ -17,7 +17,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from bot.errors import NoSuchRunError
-from bot.states import PipelineKind, RunMode, RunState
+from bot.states import LIVE, PipelineKind, RunMode, RunState
 from bot.store import MIGRATIONS_DIR, Base, Installation, Pipeline, Store, schema_objects_of
 
 
@@ -153,11 +153,13 @@ def test_a_run_goes_from_queued_through_claim_to_a_final_state(store: Store) -> 
     claimed = store.claim_run("worker-1")
     assert claimed is not None and claimed.id == run.id
     assert claimed.state is RunState.PREPARING and claimed.worker_id == "worker-1"
-    assert claimed.started_at is not None and claimed.heartbeat_at is not None
+    assert claimed.started_at is not None and claimed.lease_expires_at is not None
     assert store.claim_run("worker-2") is None
 
-    store.set_state(run.id, RunState.AGENT)
-    done = store.set_state(run.id, RunState.SUCCEEDED, reason="all green", summary="ok")
+    store.set_state(run.id, RunState.AGENT, expect=LIVE)
+    done = store.set_state(
+        run.id, RunState.SUCCEEDED, expect=LIVE, reason="all green", summary="ok"
+    )
     assert done.state is RunState.SUCCEEDED and done.finished
     assert done.reason == "all green" and done.summary == "ok"
     assert done.finished_at is not None and done.finished_at >= claimed.started_at
@@ -168,8 +170,8 @@ def test_a_run_goes_from_queued_through_claim_to_a_final_state(store: Store) -> 
 
 def test_the_first_final_state_wins(store: Store) -> None:
     run = store.create_run(_pipeline(store).id, trigger="label", task="t")
-    store.set_state(run.id, RunState.CANCELLED, reason="stopped by mona")
-    after = store.set_state(run.id, RunState.SUCCEEDED, reason="late finish")
+    store.set_state(run.id, RunState.CANCELLED, expect=LIVE, reason="stopped by mona")
+    after = store.set_state(run.id, RunState.SUCCEEDED, expect=LIVE, reason="late finish")
     assert after.state is RunState.CANCELLED and after.reason == "stopped by mona"
     assert [e.message for e in store.events(run.id, kinds=["state"])] == ["queued", "cancelled"]
 
@@ -259,28 +261,29 @@ def test_cancel_is_requested_on_live_runs_only(store: Store) -> None:
     assert store.request_cancel(run.id, "stopped by mona") is True
     got = store.get_run(run.id)
     assert got.cancel_requested and got.cancel_reason == "stopped by mona"
-    store.set_state(run.id, RunState.CANCELLED)
+    store.set_state(run.id, RunState.CANCELLED, expect=LIVE)
     assert store.request_cancel(run.id, "again") is False
 
 
-def test_live_stale_and_listed_runs(store: Store) -> None:
+def test_live_expired_and_listed_runs(store: Store) -> None:
     pipeline = _pipeline(store)
     other = _pipeline(store, key="pull:7")
     a = store.create_run(pipeline.id, trigger="t", task="a")
     b = store.create_run(other.id, trigger="t", task="b")
     c = store.create_run(pipeline.id, trigger="t", task="c")
-    store.set_state(a.id, RunState.FAILED)
+    store.set_state(a.id, RunState.FAILED, expect=LIVE)
     assert [r.id for r in store.live_runs()] == [b.id, c.id]
     assert [r.id for r in store.live_runs(pipeline.id)] == [c.id]
     assert [r.id for r in store.list_runs()] == [c.id, b.id, a.id]
     assert [r.id for r in store.list_runs(limit=1, pipeline_id=pipeline.id)] == [c.id]
 
-    assert store.claim_run("w", run_id=b.id) is not None
-    assert store.stale_runs(timedelta(minutes=5)) == []
+    assert store.claim_run("w", run_id=b.id, lease=timedelta(minutes=5)) is not None
+    assert store.expired_runs() == []
+    assert store.claim_run("w", run_id=c.id, lease=timedelta(milliseconds=10)) is not None
     time.sleep(0.05)
-    assert [r.id for r in store.stale_runs(timedelta(milliseconds=10))] == [b.id]
-    store.heartbeat(b.id)
-    assert store.stale_runs(timedelta(seconds=5)) == []
+    assert [r.id for r in store.expired_runs()] == [c.id]
+    assert store.renew_leases("w", [b.id, c.id], timedelta(seconds=5)) == {b.id, c.id}
+    assert store.expired_runs() == []
 
 
 # -- events and logs ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from bot.settings import Settings
-from bot.states import PipelineKind, RunState
+from bot.states import LIVE, PipelineKind, RunState
 from bot.store import Store
 from ui.app import create_app
 
@@ -42,7 +42,7 @@ def _runs(store: Store, repo: str, count: int) -> list[int]:
 def test_the_list_filters_by_repository_and_state_and_pages_back(app: Flask, store: Store) -> None:
     a = _runs(store, "/src/a", 60)
     b = _runs(store, "/src/b", 3)
-    store.set_state(b[0], RunState.FAILED, reason="tests failed")
+    store.set_state(b[0], RunState.FAILED, expect=LIVE, reason="tests failed")
     client = app.test_client()
 
     first = client.get("/runs?repo=/src/a").get_data(as_text=True)
@@ -68,7 +68,7 @@ def test_the_live_log_resumes_after_last_event_id_and_ends_with_the_run(
     app: Flask, store: Store
 ) -> None:
     (run_id,) = _runs(store, "/src/a", 1)
-    store.set_state(run_id, RunState.AGENT)
+    store.set_state(run_id, RunState.AGENT, expect=LIVE)
     store.add_logs(run_id, [f"line {i}" for i in range(5)])
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -78,7 +78,7 @@ def test_the_live_log_resumes_after_last_event_id_and_ends_with_the_run(
 
         def finish() -> None:
             store.add_logs(run_id, ["line 5"])
-            store.set_state(run_id, RunState.SUCCEEDED)
+            store.set_state(run_id, RunState.SUCCEEDED, expect=LIVE)
 
         timer = threading.Timer(0.5, finish)
         timer.start()

@@ -16,7 +16,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 from werkzeug.serving import make_server
 
 from bot.settings import Settings
-from bot.states import PipelineKind, RunState
+from bot.states import LIVE, PipelineKind, RunState
 from bot.store import Store
 from tests.browser import browser  # noqa: F401
 from tests.github_fake import FakeGitHub, served_fake
@@ -65,7 +65,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
             number=5,
         )
         run = store.create_run(pipeline.id, trigger="label", task="Make sauce", sender=WRITER)
-        store.set_state(run.id, RunState.FAILED, reason="tests failed")
+        store.set_state(run.id, RunState.FAILED, expect=LIVE, reason="tests failed")
         # The receiver's app with the pages mounted, as `trimo serve` builds it.
         app = create_app(settings, store)
         init_app(app, settings, store)

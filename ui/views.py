@@ -302,10 +302,8 @@ def stop(run_id: int) -> BaseResponse:
     run, _, user = _acting_on(run_id)
     store = _ui().store
     why = STOPPED_HERE.format(user=user)
-    if run.state == RunState.QUEUED:
-        store.set_state(run_id, RunState.CANCELLED, reason=why)
-    elif not run.finished:
-        store.request_cancel(run_id, why)
+    if not run.finished:
+        store.cancel_run(run_id, why)
     flash(f"Run {run_id}: stop requested.")
     return redirect(url_for("ui.run_page", run_id=run_id))
 

@@ -50,6 +50,7 @@ class App:
             secrets=secrets,
             default_timeout=self.settings.default_timeout,
             image_build_timeout=self.settings.image_build_timeout,
+            lease=self.settings.lease_terms(),
             extra_ca_certs=self.settings.extra_ca_certs,
             network_limits=self.settings.network_limits(),
             models=self.settings.model_policy(),
@@ -91,7 +92,9 @@ def open_app(settings_path: Path | None = None, need_engine: bool = False, **ove
             runtime = open_runtime(settings)
         except click.ClickException:
             runtime = None
-    for line in reap(store, runtime):
+    # A command ends only this host's dead runs: another host's worker may just be slow to
+    # renew, and only the workers (`trimo worker`) judge those.
+    for line in reap(store, runtime, any_host=False):
         click.echo(f"trimo: {line}", err=True)
     return App(settings, store, runtime)
 
@@ -109,7 +112,7 @@ def reap_quietly() -> None:
     except click.ClickException:
         runtime = None
     try:
-        for line in reap(store, runtime):
+        for line in reap(store, runtime, any_host=False):
             click.echo(f"trimo: {line}", err=True)
     finally:
         store.close()

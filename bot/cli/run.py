@@ -192,7 +192,7 @@ def run_task(repo: Path, text: str, agent_command: str | None, settings_path: Pa
     )
     engine = app.engine(local=True)
     queued = dispatch(app.store, pipeline, trigger="cli", task=text, agent_command=agent_command)
-    claimed = app.store.claim_run(engine.owner, queued.id)
+    claimed = engine.claim(queued.id)
     if claimed is None:
         raise click.ClickException(f"run {queued.id} was taken by another worker")
     started = time.monotonic()

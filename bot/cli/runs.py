@@ -200,12 +200,12 @@ def cancel(run_id: int, settings_path: Path | None) -> None:
     r = _get(app.store, run_id)
     if r.finished:
         raise click.ClickException(f"run {run_id} already ended: {r.state.value}")
-    if r.state == RunState.QUEUED:
-        app.store.set_state(run_id, RunState.CANCELLED, reason=CANCELLED_BY_CLI)
+    after = app.store.cancel_run(run_id, CANCELLED_BY_CLI)
+    if after.state == RunState.CANCELLED and not after.cancel_requested:
         click.echo(f"run {run_id}: cancelled before it started")
         return
-    if not app.store.request_cancel(run_id, CANCELLED_BY_CLI):
-        raise click.ClickException(f"run {run_id} already ended")
+    if after.finished:
+        raise click.ClickException(f"run {run_id} already ended: {after.state.value}")
     click.echo(
         f"run {run_id}: cancel requested; its worker stops the container and pushes the work so far"
     )

@@ -165,7 +165,7 @@ class Commands:
                 ),
                 sender=intent.sender,
             )
-            self.store.set_state(run.id, RunState.REJECTED, reason=refusal)
+            self.store.set_state(run.id, RunState.REJECTED, expect=RunState.QUEUED, reason=refusal)
             self.reply(client, intent.repo, pipeline.number or 0, refusal)
             return
         self.react(client, intent)
@@ -247,11 +247,10 @@ class Commands:
                 if intent.reason == "command"
                 else f"the {kind} was {intent.reason}"
             )
-            if run.state == RunState.QUEUED:
-                final = self.store.set_state(run.id, RunState.CANCELLED, reason=why)
-                self.service.report(final)
-            else:
-                self.store.request_cancel(run.id, why)
+            after = self.store.cancel_run(run.id, why)
+            if after.state == RunState.CANCELLED and not after.cancel_requested:
+                # Cancelled before any worker took it: no worker reports it, so this does.
+                self.service.report(after)
 
     def on_status(self, intent: StatusIntent) -> None:
         installation_id = self.service.installation_for(intent.repo, intent.installation_id)

@@ -79,7 +79,9 @@ class Run:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    heartbeat_at: datetime | None
+    lease_host: str | None
+    lease_expires_at: datetime | None
+    engine_id: str | None
 
     @property
     def finished(self) -> bool:

@@ -111,7 +111,10 @@ class RunRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The lease its worker (`worker_id`) holds it under while executing it (bot/leases.py).
+    lease_host: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    engine_id: Mapped[str | None] = mapped_column(String(100))
 
 
 class EventRecord(Base):

@@ -7,17 +7,31 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, Interval, func, literal, or_, select, update
+from sqlalchemy.orm import Session
 
 from bot.errors import NoSuchRunError
-from bot.states import FINISHED, RunMode, RunState
+from bot.states import ACTIVE, FINISHED, RunMode, RunState
 from bot.store.base import NO_SUCH_RUN, StoreBase, check_fields, utcnow
 from bot.store.events import _event_row
 from bot.store.models import Run, run_of
-from bot.store.records import PipelineRecord, RunRecord
+from bot.store.records import PipelineRecord, RunRecord, UTCDateTime
 
-# The fields `update_run` and `set_state` may set: every column but the run's identity.
-_RUN_FIELDS = {c.key for c in RunRecord.__table__.columns} - {"id", "pipeline_id", "created_at"}
+# The fields `update_run` and `set_state` may set: not the run's identity, nor its state and
+# lease, which change only by compare-and-set (`set_state`, `claim_run`, `renew_leases`).
+_RUN_FIELDS = {c.key for c in RunRecord.__table__.columns} - {
+    "id",
+    "pipeline_id",
+    "created_at",
+    "state",
+    "worker_id",
+    "lease_host",
+    "lease_expires_at",
+    "engine_id",
+}
+_ACTIVE = [str(x) for x in ACTIVE]
+# How long a claimed run is held unless its worker renews the lease (`Settings.lease_seconds`).
+DEFAULT_LEASE = timedelta(seconds=30)
 
 
 class RunQueue(StoreBase):
@@ -55,11 +69,21 @@ class RunQueue(StoreBase):
             s.add(_event_row(row.id, "state", str(RunState.QUEUED), {"trigger": trigger}))
             return run_of(row)
 
-    def claim_run(self, worker_id: str, run_id: int | None = None) -> Run | None:
-        """Move the oldest queued run (or run `run_id`) to preparing for this worker.
+    def claim_run(
+        self,
+        worker_id: str,
+        run_id: int | None = None,
+        *,
+        host: str | None = None,
+        engine_id: str | None = None,
+        lease: timedelta = DEFAULT_LEASE,
+    ) -> Run | None:
+        """Move the oldest queued run (or run `run_id`) to preparing, held by `worker_id`.
 
-        Atomic: of several concurrent claimers exactly one gets a given run; None when nothing
-        (or not that run) is queued.
+        Atomic: of several concurrent claimers exactly one gets a given run, and a cancel of
+        the queued run (`cancel_run`) and a claim never both win; None when nothing (or not
+        that run) is queued. The run is held under a lease of `lease` from now, on `host`, its
+        containers on the Docker engine `engine_id`: its worker renews it (`renew_leases`).
         """
         now = utcnow()
         for _ in range(5):
@@ -84,7 +108,9 @@ class RunQueue(StoreBase):
                         state=str(RunState.PREPARING),
                         worker_id=worker_id,
                         started_at=now,
-                        heartbeat_at=now,
+                        lease_host=host,
+                        lease_expires_at=self._clock(lease),
+                        engine_id=engine_id,
                     )
                     .execution_options(synchronize_session=False)
                 )
@@ -98,6 +124,61 @@ class RunQueue(StoreBase):
                     return None
             # Another claimer took our candidate between the select and the update; try the next.
         return None
+
+    def renew_leases(self, worker_id: str, run_ids: Iterable[int], lease: timedelta) -> set[int]:
+        """Push the leases `worker_id` holds on `run_ids` to `lease` from now; returns the ids
+        still held (a run that finished, or that the reaper took, is not renewed)."""
+        ids = list(run_ids)
+        if not ids:
+            return set()
+        stmt = (
+            update(RunRecord)
+            .where(
+                RunRecord.id.in_(ids),
+                RunRecord.worker_id == worker_id,
+                RunRecord.state.in_(_ACTIVE),
+            )
+            .values(lease_expires_at=self._clock(lease))
+            .returning(RunRecord.id)
+        )
+        with self._write() as s:
+            return set(s.execute(stmt).scalars())
+
+    def expired_runs(self) -> list[Run]:
+        """Runs a worker holds whose lease has run out (its worker may be dead), oldest first."""
+        stmt = (
+            select(RunRecord)
+            .where(RunRecord.state.in_(_ACTIVE), self._lease_expired())
+            .order_by(RunRecord.id)
+        )
+        with self._read() as s:
+            return [run_of(r) for r in s.scalars(stmt)]
+
+    def reap_run(self, run_id: int, reason: str) -> bool:
+        """End a run whose lease expired as `error` with `reason`; False (and nothing changed)
+        when it finished meanwhile or its worker renewed the lease after all."""
+        with self._write() as s:
+            result = s.execute(
+                update(RunRecord)
+                .where(RunRecord.id == run_id, RunRecord.state.in_(_ACTIVE), self._lease_expired())
+                .values(state=str(RunState.ERROR), reason=reason, finished_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add(_event_row(run_id, "state", str(RunState.ERROR), {"reason": reason}))
+            return True
+
+    def _clock(self, plus: timedelta = timedelta(0)) -> ColumnElement[datetime]:
+        """Now (+ `plus`) by the database's clock on PostgreSQL, which every host shares, so
+        a lease means the same on hosts whose clocks differ; SQLite is on one host only."""
+        if self.dialect_name == "postgresql":
+            return func.now(type_=UTCDateTime()) + literal(plus, Interval())
+        return literal(utcnow() + plus, UTCDateTime())
+
+    def _lease_expired(self) -> ColumnElement[bool]:
+        # No lease at all: claimed by a Trimo without leases and never renewed since.
+        return or_(RunRecord.lease_expires_at.is_(None), RunRecord.lease_expires_at < self._clock())
 
     def get_run(self, run_id: int) -> Run:
         with self._read() as s:
@@ -151,43 +232,48 @@ class RunQueue(StoreBase):
         with self._read() as s:
             return [run_of(r) for r in s.scalars(stmt)]
 
-    def stale_runs(self, older_than: timedelta) -> list[Run]:
-        """Runs owned by a worker whose last heartbeat is older than `older_than` (dead worker)."""
-        cutoff = utcnow() - older_than
-        stmt = (
-            select(RunRecord)
-            .where(
-                RunRecord.state.not_in([str(x) for x in FINISHED | {RunState.QUEUED}]),
-                RunRecord.heartbeat_at < cutoff,
-            )
-            .order_by(RunRecord.id)
-        )
-        with self._read() as s:
-            return [run_of(r) for r in s.scalars(stmt)]
-
     def queued_count(self) -> int:
         with self._read() as s:
             stmt = select(func.count()).where(RunRecord.state == str(RunState.QUEUED))
             return int(s.execute(stmt).scalar_one())
 
     def set_state(
-        self, run_id: int, state: RunState, *, reason: str | None = None, **fields: Any
+        self,
+        run_id: int,
+        state: RunState,
+        *,
+        expect: RunState | Iterable[RunState],
+        owner: str | None = None,
+        reason: str | None = None,
+        **fields: Any,
     ) -> Run:
-        """Move a run to `state` (with optional other fields) and record a "state" event.
+        """Move a run from one of the `expect`ed states to `state` (with optional other
+        fields) and record a "state" event; compare-and-set: one UPDATE whose WHERE names the
+        expected states (and, given `owner`, the worker that must hold the run).
 
-        A finished run stays as it is (the first final state wins, e.g. cancel vs. success);
-        the returned snapshot shows which state the run is really in.
+        A run in another state is left as it is: a finished run stays finished (the first
+        final state wins, e.g. cancel vs. success), and a run another worker has taken is not
+        moved by the one that lost it. The returned snapshot shows the state the run is in.
+        Back to queued, the run is no longer held by anyone.
         """
+        expected = {expect} if isinstance(expect, RunState) else set(expect)
+        if not expected or expected & FINISHED:
+            raise ValueError(f"set_state expects live states, not {sorted(expected)}")
         values = _run_values(fields)
         values["state"] = str(state)
         if reason is not None:
             values["reason"] = reason
         if state in FINISHED:
             values.setdefault("finished_at", utcnow())
+        if state == RunState.QUEUED:
+            values.update(worker_id=None, lease_host=None, lease_expires_at=None, engine_id=None)
+        where = [RunRecord.id == run_id, RunRecord.state.in_([str(x) for x in expected])]
+        if owner is not None:
+            where.append(RunRecord.worker_id == owner)
         with self._write() as s:
             result = s.execute(
                 update(RunRecord)
-                .where(RunRecord.id == run_id, RunRecord.state.not_in([str(x) for x in FINISHED]))
+                .where(*where)
                 .values(values)
                 .execution_options(synchronize_session=False)
             )
@@ -239,24 +325,47 @@ class RunQueue(StoreBase):
                 total += float(usage.get("usd") or 0.0)
         return total
 
-    def request_cancel(self, run_id: int, reason: str) -> bool:
-        """Ask the run's worker to stop it; False when the run has already finished."""
+    def cancel_run(self, run_id: int, reason: str) -> Run:
+        """Stop a run: a queued one ends `cancelled` now; one a worker holds is asked to stop
+        (its worker pushes the work so far, then ends it). Never both: this and a worker's
+        claim are compare-and-set on `queued`, so exactly one of them wins. The snapshot shows
+        which (`cancelled`, or live with `cancel_requested`, or the final state it had)."""
         with self._write() as s:
             result = s.execute(
                 update(RunRecord)
-                .where(RunRecord.id == run_id, RunRecord.state.not_in([str(x) for x in FINISHED]))
-                .values(cancel_requested=True, cancel_reason=reason)
+                .where(RunRecord.id == run_id, RunRecord.state == str(RunState.QUEUED))
+                .values(state=str(RunState.CANCELLED), reason=reason, finished_at=utcnow())
+                .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
-                s.add(_event_row(run_id, "event", "cancel requested", {"reason": reason}))
+                s.add(_event_row(run_id, "state", str(RunState.CANCELLED), {"reason": reason}))
+            else:
+                self._request_cancel(s, run_id, reason)
+            row = s.get(RunRecord, run_id, populate_existing=True)
+            if row is None:
+                raise NoSuchRunError(NO_SUCH_RUN.format(run_id=run_id))
+            return run_of(row)
+
+    def request_cancel(self, run_id: int, reason: str) -> bool:
+        """Ask the run's worker to stop it; False when the run has already finished."""
+        with self._write() as s:
+            if self._request_cancel(s, run_id, reason):
                 return True
             if s.get(RunRecord, run_id) is None:
                 raise NoSuchRunError(NO_SUCH_RUN.format(run_id=run_id))
             return False
 
-    def heartbeat(self, run_id: int) -> None:
-        with self._write() as s:
-            s.execute(update(RunRecord).where(RunRecord.id == run_id).values(heartbeat_at=utcnow()))
+    def _request_cancel(self, s: Session, run_id: int, reason: str) -> bool:
+        result = s.execute(
+            update(RunRecord)
+            .where(RunRecord.id == run_id, RunRecord.state.not_in([str(x) for x in FINISHED]))
+            .values(cancel_requested=True, cancel_reason=reason)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        s.add(_event_row(run_id, "event", "cancel requested", {"reason": reason}))
+        return True
 
 
 def _run_values(fields: Mapping[str, Any]) -> dict[str, Any]:
