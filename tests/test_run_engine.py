@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
@@ -286,6 +287,8 @@ def test_killed_trimo_run_is_reaped_by_the_next_command(
     trimo: Trimo, tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     repo = light_repo(tmp_path / "repo")
+    # A short lease, so the reaper may judge the run soon after its worker died.
+    trimo.env.update(TRIMO_LEASE_SECONDS="2", TRIMO_LEASE_RENEW_SECONDS="0.5")
     proc = trimo.popen("run", "--repo", str(repo), "--task", "Long work", "--agent", "sleep 300")
     store = trimo.store()
     mine = {"label": [f"{LABEL_RUN}=1", f"{LABEL_STORE}={store.key}"]}
@@ -297,12 +300,16 @@ def test_killed_trimo_run_is_reaped_by_the_next_command(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert store.get_run(1).state == RunState.AGENT  # nobody finished it
+    killed = store.get_run(1)
+    assert killed.state == RunState.AGENT  # nobody finished it
+    assert killed.lease_expires_at is not None
+    # Dead only once its lease lapsed (and, this host's, its process is gone).
+    time.sleep(max(0.0, (killed.lease_expires_at - datetime.now(UTC)).total_seconds()) + 0.5)
     r = trimo("image", "ls")  # any trimo command, even one that needs no run
     assert r.returncode == 0
     run = store.get_run(1)
     assert run.state == RunState.ERROR
-    assert "stopped without finishing" in (run.reason or "")
+    assert "stopped renewing its lease" in (run.reason or "")
     assert docker_client.containers.list(all=True, filters=mine) == []
     assert docker_client.networks.list(filters=mine) == []
     assert "removed container" in r.stderr and "removed network" in r.stderr
