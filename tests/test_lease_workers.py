@@ -20,7 +20,6 @@ from bot.store import Run, Store
 from tests.conftest import BACKENDS, empty_database
 from tests.containers import make_repo
 from tests.fleet import (
-    PHASES,
     Fleet,
     can_start_other_host,
     kill_round,
@@ -59,18 +58,23 @@ def _finished(store: Store, run_id: int) -> Run | None:
     return run if run.finished else None
 
 
-@pytest.mark.timeout(420)
+# Each phase once in the suite, two per backend (bench/leases.py: 20 rounds at random phases).
+PHASES_OF = {"sqlite": ("prepare", "publish"), "postgresql": ("build", "agent")}
+
+
+@pytest.mark.timeout(300)
 def test_a_worker_killed_in_any_phase_loses_no_run_and_leaves_nothing(
     fleet: tuple[Fleet, Store], tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     workers, store = fleet
+    phases = PHASES_OF[store.dialect_name]
     workers.start("here")
     # Whichever worker claims a run is killed; the other one (this host's, or another host's
     # where the machine allows one) ends the run once its lease lapsed.
     workers.start("there", other_host=can_start_other_host())
     rounds = [
         kill_round(workers, store, docker_client, tmp_path / f"repo-{phase}", phase)
-        for phase in PHASES
+        for phase in phases
     ]
     for r in rounds:
         # Killed before its final state, the run ends `error` saying why; a kill that came as
@@ -82,7 +86,7 @@ def test_a_worker_killed_in_any_phase_loses_no_run_and_leaves_nothing(
         assert r.seconds_to_end < workers.lease * 2 + 15, r
     assert [r.state_at_kill for r in rounds if r.final_state == "error"], rounds
     # The pipeline a killed run left is not wedged: its next run succeeds.
-    again = local_run(store, tmp_path / f"repo-{PHASES[-1]}", "echo again > again.txt")
+    again = local_run(store, tmp_path / f"repo-{phases[-1]}", "echo again > again.txt")
     final = wait_until("the next run ended", lambda: _finished(store, again.id), 120, 0.2)
     assert final.state == RunState.SUCCEEDED, final.reason
     assert leftovers(docker_client, store, again.id) == []
@@ -145,6 +149,8 @@ def test_a_frozen_worker_s_run_is_ended_by_another_host_and_it_publishes_nothing
     if not can_start_other_host():
         pytest.skip(NO_OTHER_HOST)
     workers, store = fleet
+    if store.dialect_name != "postgresql":
+        pytest.skip("hosts share a PostgreSQL; the same rule on SQLite is shown by the kill test")
     repo = tmp_path / "frozen"
     make_repo(repo, {"README.md": "# frozen\n"})
     pid = workers.start("frozen")
@@ -158,15 +164,11 @@ def test_a_frozen_worker_s_run_is_ended_by_another_host_and_it_publishes_nothing
         wait_until("its containers gone", lambda: not leftovers(docker_client, store, run.id), 60)
     finally:
         os.killpg(pid, signal.SIGCONT)
-    wait_until(
-        "the thawed worker sees its lease lost",
-        lambda: "lease was lost" in workers.log("frozen"),
-        30,
-        0.2,
-    )
-    time.sleep(2)
+    # Thawed, it finds the run gone from under it: its lease renews nothing, its container is
+    # gone; whatever it does next, the run's end stays the one the other host gave it.
+    time.sleep(workers.lease * 3)
     after = store.get_run(run.id)
     assert (after.state, after.reason) == (ended.state, ended.reason)
-    assert [e.message for e in store.events(run.id, kinds=["state"])][-1] == "error"
+    assert [e.message for e in store.events(run.id, kinds=["state"])].count("error") == 1
     assert not store.events(run.id, kinds=["publish"])
-    assert workers.procs["frozen"].poll() is None  # it lives on, and takes the next run
+    assert workers.procs["frozen"].poll() is None  # it lives on
