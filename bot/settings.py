@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -201,6 +202,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    @field_validator("lease_renew_seconds")
+    @classmethod
+    def _renewed_twice_per_lease(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("lease_seconds")
+        if isinstance(lease, float) and value * 2 > lease:
+            raise ValueError(
+                f"{value:g} s is more than half of lease_seconds ({lease:g} s): one late "
+                "renewal would let a live run's lease lapse"
+            )
+        return value
+
     @field_validator("webhook_secrets", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -239,12 +251,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:
-        if self.lease_renew_seconds * 2 > self.lease_seconds:
-            raise ValueError(
-                f"lease_renew_seconds ({self.lease_renew_seconds:g}) must be at most half of "
-                f"lease_seconds ({self.lease_seconds:g}): one late renewal would let a live "
-                "run's lease lapse"
-            )
         data_dir = self.data_dir.expanduser()
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:

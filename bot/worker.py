@@ -70,20 +70,19 @@ def owner_alive(owner: str) -> bool | None:
 
 
 def reap(
-    store: Store, runtime: DockerRuntime | None, *, any_host: bool = True, me: str | None = None
+    store: Store, runtime: DockerRuntime | None, *, any_host: bool = False, me: str | None = None
 ) -> list[str]:
     """End the runs of dead workers and remove the containers of ended runs; says what it did.
 
     A run is dead when its lease expired and its worker is shown gone (`lease_dead`). A worker
-    (`any_host`) ends such runs whatever host they ran on; a `trimo` command only those of its
-    own host, whose process it can check. Containers go only from `runtime`'s engine, and only
-    for runs whose engine that is: a run of another engine keeps its containers until a worker
-    there finds the run ended.
+    (`any_host`) ends such runs whatever host they ran on; a `trimo` command (the default) only
+    those of its own host, whose process it can check. Containers go only from `runtime`'s
+    engine, and only for runs whose engine that is: a run of another engine keeps its
+    containers until a worker there finds the run ended.
     """
     said: list[str] = []
     here = socket.gethostname()
     by = me or worker_id()
-    engine_id = runtime.engine_id if runtime is not None else None
     for run in store.expired_runs():
         if not any_host and run.lease_host != here:
             continue
@@ -108,7 +107,7 @@ def reap(
             return owner_alive(leftover.owner) is False
         if leftover.owner != run.worker_id:
             return True  # left by an earlier attempt, since requeued: nobody runs it any more
-        if run.engine_id not in (None, engine_id):
+        if run.engine_id not in (None, runtime.engine_id):
             return False  # the run's engine is another one: its workers judge its containers
         return run.state.finished
 
@@ -289,7 +288,7 @@ class WorkerPool:
     def _reap(self) -> None:
         # An engine that is restarting leaves its leftovers to the next round; the worker goes on.
         try:
-            for line in reap(self.store, self.engine.runtime, me=self.engine.owner):
+            for line in reap(self.store, self.engine.runtime, any_host=True, me=self.engine.owner):
                 log.info("reaper: %s", line)
         except (docker.errors.DockerException, *ENGINE_UNREACHABLE) as exc:
             log.warning("the reaper could not reach the Docker engine: %s", exc)

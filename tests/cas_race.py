@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from bot.states import RunState
 from bot.store import Store
 
 
@@ -31,8 +30,7 @@ def canceller(url: str, run_ids: list[int], barrier: Any, results: Any) -> None:
     try:
         for run_id in run_ids:
             barrier.wait(30)
-            after = store.cancel_run(run_id, "stopped by mona")
-            won.append(after.state == RunState.CANCELLED and not after.cancel_requested)
+            won.append(store.cancel_run(run_id, "stopped by mona")[1])
     finally:
         store.close()
     results.put(("canceller", won))
@@ -52,8 +50,7 @@ def race_in_threads(store: Store, run_ids: list[int]) -> tuple[list[bool], list[
     def cancel() -> None:
         for run_id in run_ids:
             barrier.wait(30)
-            after = store.cancel_run(run_id, "stopped by mona")
-            cancelled.append(after.state == RunState.CANCELLED and not after.cancel_requested)
+            cancelled.append(store.cancel_run(run_id, "stopped by mona")[1])
 
     threads = [threading.Thread(target=claim), threading.Thread(target=cancel)]
     for t in threads:

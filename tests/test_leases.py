@@ -206,10 +206,10 @@ def test_the_reaper_ends_a_run_only_when_its_lease_lapsed_and_its_worker_is_gone
     assert store.claim_run("far:2:2", renewed_elsewhere.id, host="far", lease=timedelta(minutes=5))
 
     # A `trimo` command: only this host's runs, whose workers it can check.
-    said = reap(store, None, any_host=False)
+    said = reap(store, None)
     assert said == [f"run {dead_here.id}: marked error (its worker {dead} is gone)"]
     # A worker: another host's run is dead once its lease lapsed.
-    said = reap(store, None)
+    said = reap(store, None, any_host=True)
     assert said == [f"run {elsewhere.id}: marked error (its worker far:1:1 is gone)"]
 
     runs = (alive_here, dead_here, elsewhere, renewed_elsewhere)

@@ -75,6 +75,17 @@ def test_the_example_settings_file_loads() -> None:
     assert settings.workers >= 1
 
 
+def test_a_lease_is_renewed_at_least_twice_before_it_lapses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    terms = Settings.load().lease_terms()
+    assert (terms.length.total_seconds(), terms.renew_every.total_seconds()) == (30.0, 5.0)
+    monkeypatch.setenv("TRIMO_LEASE_SECONDS", "4")
+    monkeypatch.setenv("TRIMO_LEASE_RENEW_SECONDS", "3")
+    with pytest.raises(SettingsError, match="TRIMO_LEASE_RENEW_SECONDS: 3 s is more than half"):
+        Settings.load()
+
+
 def test_webhook_secrets_accept_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRIMO_WEBHOOK_SECRET", "new-secret, old-secret")
     assert Settings.load().webhook_secret_values() == ["new-secret", "old-secret"]

@@ -94,7 +94,7 @@ def open_app(settings_path: Path | None = None, need_engine: bool = False, **ove
             runtime = None
     # A command ends only this host's dead runs: another host's worker may just be slow to
     # renew, and only the workers (`trimo worker`) judge those.
-    for line in reap(store, runtime, any_host=False):
+    for line in reap(store, runtime):
         click.echo(f"trimo: {line}", err=True)
     return App(settings, store, runtime)
 
@@ -112,7 +112,7 @@ def reap_quietly() -> None:
     except click.ClickException:
         runtime = None
     try:
-        for line in reap(store, runtime, any_host=False):
+        for line in reap(store, runtime):
             click.echo(f"trimo: {line}", err=True)
     finally:
         store.close()

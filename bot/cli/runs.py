@@ -14,7 +14,6 @@ import click
 from bot.cli.common import open_app, settings_option
 from bot.errors import NoSuchRunError
 from bot.gateway.policy import usage_line
-from bot.states import RunState
 from bot.store import Run, Store
 
 FOLLOW_POLL_SECONDS = 0.5
@@ -200,8 +199,8 @@ def cancel(run_id: int, settings_path: Path | None) -> None:
     r = _get(app.store, run_id)
     if r.finished:
         raise click.ClickException(f"run {run_id} already ended: {r.state.value}")
-    after = app.store.cancel_run(run_id, CANCELLED_BY_CLI)
-    if after.state == RunState.CANCELLED and not after.cancel_requested:
+    after, before_it_started = app.store.cancel_run(run_id, CANCELLED_BY_CLI)
+    if before_it_started:
         click.echo(f"run {run_id}: cancelled before it started")
         return
     if after.finished:

@@ -247,8 +247,8 @@ class Commands:
                 if intent.reason == "command"
                 else f"the {kind} was {intent.reason}"
             )
-            after = self.store.cancel_run(run.id, why)
-            if after.state == RunState.CANCELLED and not after.cancel_requested:
+            after, before_it_started = self.store.cancel_run(run.id, why)
+            if before_it_started:
                 # Cancelled before any worker took it: no worker reports it, so this does.
                 self.service.report(after)
 

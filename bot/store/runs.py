@@ -325,11 +325,11 @@ class RunQueue(StoreBase):
                 total += float(usage.get("usd") or 0.0)
         return total
 
-    def cancel_run(self, run_id: int, reason: str) -> Run:
+    def cancel_run(self, run_id: int, reason: str) -> tuple[Run, bool]:
         """Stop a run: a queued one ends `cancelled` now; one a worker holds is asked to stop
         (its worker pushes the work so far, then ends it). Never both: this and a worker's
-        claim are compare-and-set on `queued`, so exactly one of them wins. The snapshot shows
-        which (`cancelled`, or live with `cancel_requested`, or the final state it had)."""
+        claim are compare-and-set on `queued`, so exactly one of them wins. Returns the run as
+        it is now, and whether it was cancelled here, before any worker took it."""
         with self._write() as s:
             result = s.execute(
                 update(RunRecord)
@@ -337,14 +337,15 @@ class RunQueue(StoreBase):
                 .values(state=str(RunState.CANCELLED), reason=reason, finished_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
+            cancelled = result.rowcount == 1  # type: ignore[attr-defined]
+            if cancelled:
                 s.add(_event_row(run_id, "state", str(RunState.CANCELLED), {"reason": reason}))
             else:
                 self._request_cancel(s, run_id, reason)
             row = s.get(RunRecord, run_id, populate_existing=True)
             if row is None:
                 raise NoSuchRunError(NO_SUCH_RUN.format(run_id=run_id))
-            return run_of(row)
+            return run_of(row), cancelled
 
     def request_cancel(self, run_id: int, reason: str) -> bool:
         """Ask the run's worker to stop it; False when the run has already finished."""
