@@ -101,7 +101,10 @@ class LeaseKeeper:
                     on_lost = self._held.pop(run_id, None)
                 if on_lost is not None:
                     log.warning(LEASE_LOST, run_id, self.terms.length)
-                    on_lost()
+                    # Stopping a container takes seconds: the other runs' leases go on meanwhile.
+                    threading.Thread(
+                        target=on_lost, name=f"run-{run_id}-lease-lost", daemon=True
+                    ).start()
 
 
 def lease_dead(run: Run, alive: Callable[[str], bool | None], host: str | None = None) -> bool:
