@@ -33,7 +33,7 @@ from tests.containers import make_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OTHER_HOST = "trimo-other-host"
-READY = "trimo worker:"
+READY = "run slot(s)"  # the line `trimo worker` prints once it claims
 # The kill phases: what the run is doing when its worker dies.
 PHASES = ("prepare", "build", "agent", "publish")
 BUILD_SECONDS = 4
