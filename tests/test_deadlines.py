@@ -265,11 +265,11 @@ class ClaimFailingStore(Store):
 
     failures_left = 3
 
-    def claim_run(self, worker_id: str, run_id: int | None = None) -> Run | None:
+    def claim_run(self, worker_id: str, run_id: int | None = None, **lease: Any) -> Run | None:
         if self.failures_left > 0:
             self.failures_left -= 1
             raise OperationalError("UPDATE runs", {}, Exception("the database system is starting"))
-        return super().claim_run(worker_id, run_id)
+        return super().claim_run(worker_id, run_id, **lease)
 
 
 def test_a_worker_keeps_claiming_through_store_failures(
