@@ -10,6 +10,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ def test_container_stops_itself_at_its_deadline_when_its_worker_is_gone(
 ) -> None:
     trimo = Trimo(tmp_path / "data")
     trimo.env["TRIMO_DEFAULT_TIMEOUT"] = "3s"
+    # A short lease: the reaper may judge the run once its container has stopped itself.
+    trimo.env.update(TRIMO_LEASE_SECONDS="2", TRIMO_LEASE_RENEW_SECONDS="0.5")
     repo = light_repo(tmp_path / "repo")
     proc = trimo.popen(
         "run", "--repo", str(repo), "--task", "Slow", "--agent", "echo half > half.txt; sleep 300"
@@ -209,6 +212,10 @@ def test_container_stops_itself_at_its_deadline_when_its_worker_is_gone(
         bundle = _file_in(run_container, "/trimo/out/result.bundle")
         assert bundle is not None and bundle.startswith(b"# v2 git bundle")
     finally:
+        # Dead once its lease lapsed (2 s after the kill, long before the container stopped).
+        lapsed = store.get_run(1).lease_expires_at
+        if lapsed is not None:
+            time.sleep(max(0.0, (lapsed - datetime.now(UTC)).total_seconds()) + 0.5)
         r = trimo("image", "ls")  # the next command reaps what the dead worker left
     assert r.returncode == 0, r.stderr
     assert docker_client.containers.list(all=True, filters=mine) == []
