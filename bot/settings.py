@@ -183,6 +183,19 @@ class Settings(BaseSettings):
     client_id: str | None = None
     client_secret: SecretStr | None = None
 
+    # Reports to GitHub wait in the outbox when GitHub does not take them: the first retry
+    # after this many seconds (unless GitHub says how long), doubling up to the maximum.
+    report_backoff_seconds: float = Field(2.0, gt=0)
+    report_max_backoff_seconds: float = Field(900.0, gt=0)
+    # A webhook delivery whose processing fails is tried again this many times in all, the first
+    # retry after `delivery_backoff_seconds`, doubling; then it is marked failed with its reason
+    # (`trimo deliveries retry ID` tries it again). One being processed is held under a lease of
+    # `delivery_lease_seconds`, renewed while it is processed: another worker takes it only
+    # once the lease has expired.
+    delivery_attempts: int = Field(5, ge=1, le=100)
+    delivery_backoff_seconds: float = Field(5.0, gt=0)
+    delivery_lease_seconds: float = Field(60.0, ge=1)
+
     # Where people reach this Trimo's run pages (e.g. https://trimo.example.com): check runs
     # and tracking comments link there. Unset: the reports name `trimo runs logs` instead.
     public_url: str | None = None

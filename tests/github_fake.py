@@ -172,6 +172,8 @@ class FakeGitHub:
         self.repos: dict[str, Json] = {}
         self.issues: dict[tuple[str, int], Json] = {}
         self.comments: dict[int, Json] = {}
+        # Every body a comment had, in the order GitHub took them (the first is its create).
+        self.comment_history: dict[int, list[str]] = {}
         self.review_comments: dict[int, Json] = {}
         self.reactions: list[Json] = []
         self.pulls: dict[tuple[str, int], Json] = {}
@@ -815,6 +817,7 @@ class FakeGitHub:
             "_number": number,
         }
         self.comments[cid] = comment
+        self.comment_history[cid] = [body]
         self.issues[(full_name, number)]["comments"] += 1
         return comment
 
@@ -1181,6 +1184,7 @@ class FakeGitHub:
             return self._comment_too_long()
         comment["body"] = body["body"]
         comment["updated_at"] = _iso(self.clock())
+        self.comment_history.setdefault(comment["id"], []).append(body["body"])
         return self._reply(200, _public(comment))
 
     def _delete_comment(self, args: dict[str, str], query: Any, body: Any) -> Reply:

@@ -53,7 +53,14 @@ class GitHubError(TrimoError):
 
 
 class GitHubWriteError(GitHubError):
-    """A request kept failing with rate limits or server errors; it was not dropped: retry it."""
+    """A request kept failing with rate limits or server errors; it was not dropped: retry it.
+
+    `retry_after` is how long GitHub asked to wait (`retry-after`, `x-ratelimit-reset`), or the
+    backoff the client would have waited before its next attempt."""
+
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status)
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ class GitHubClient:
             retry=None,
         )
         self._requester = self._github.requester
+        self.installation = installation
         self._gate = _gate(f"{self.api_url}#{installation}")
         self.write_interval = write_interval
         self.max_attempts = max_attempts
@@ -246,10 +254,7 @@ class GitHubClient:
         def already_posted() -> tuple[int, str] | None:
             if marker is None:
                 return None
-            for comment in self.list_comments(owner, repo, number):
-                if comment.user_type == "Bot" and marker.group(0) in comment.body:
-                    return comment.id, comment.html_url
-            return None
+            return self.find_comment(owner, repo, number, marker.group(0))
 
         return self._create(
             f"/repos/{owner}/{repo}/issues/{number}/comments",
@@ -338,13 +343,7 @@ class GitHubClient:
         def already_created() -> int | None:
             if not external_id:
                 return None
-            data = self._get(
-                f"/repos/{owner}/{repo}/commits/{head_sha}/check-runs", {"check_name": name}
-            )
-            for run in data["check_runs"]:
-                if run.get("external_id") == external_id:
-                    return int(run["id"])
-            return None
+            return self.find_check_run(owner, repo, head_sha, name, external_id)
 
         check_run_id = self._create(
             f"/repos/{owner}/{repo}/check-runs",
@@ -356,6 +355,34 @@ class GitHubClient:
             path = f"/repos/{owner}/{repo}/check-runs/{check_run_id}"
             self._write("PATCH", path, {"output": chunk})
         return check_run_id
+
+    def find_check_run(
+        self, owner: str, repo: str, head_sha: str, name: str, external_id: str
+    ) -> int | None:
+        """The id of the check run `name` on `head_sha` that carries `external_id`, if any."""
+        data = self._get(
+            f"/repos/{owner}/{repo}/commits/{head_sha}/check-runs", {"check_name": name}
+        )
+        for run in data["check_runs"]:
+            if run.get("external_id") == external_id:
+                return int(run["id"])
+        return None
+
+    def get_check_run(self, owner: str, repo: str, check_run_id: int) -> dict[str, Any]:
+        return dict(self._get(f"/repos/{owner}/{repo}/check-runs/{check_run_id}"))
+
+    def get_comment_body(self, owner: str, repo: str, comment_id: int) -> str:
+        data = self._get(f"/repos/{owner}/{repo}/issues/comments/{comment_id}")
+        return str(data.get("body") or "")
+
+    def find_comment(
+        self, owner: str, repo: str, number: int, marker: str
+    ) -> tuple[int, str] | None:
+        """A comment by a bot on the issue that carries `marker`: (id, html_url)."""
+        for comment in self.list_comments(owner, repo, number):
+            if comment.user_type == "Bot" and marker in comment.body:
+                return comment.id, comment.html_url
+        return None
 
     def update_check_run(
         self,
@@ -494,6 +521,7 @@ class GitHubClient:
         gate: _WriteGate | None = None,
     ) -> tuple[dict[str, Any], Any]:
         last, last_status = "", 0
+        wait = 0.0
         rate_limited = 0
         for attempt in range(1, self.max_attempts + 1):
             if gate is not None:
@@ -544,6 +572,7 @@ class GitHubClient:
         raise GitHubWriteError(
             GAVE_UP.format(verb=verb, path=path, attempts=self.max_attempts, last=last),
             last_status,
+            retry_after=wait,
         )
 
     def _rate_limit_wait(self, headers: Mapping[str, str], times: int) -> float:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.commands import HELP_TEXT
 from bot.github.client import GitHubClient, GitHubError
+from bot.github.outbox import marked, report_key
 from bot.github.reporter import RESULT_CHECK
 from bot.intents import (
     ApproveIntent,
@@ -26,6 +27,7 @@ from bot.intents import (
 )
 from bot.states import PipelineKind, RunState
 from bot.store import Pipeline
+from bot.store_outbox import Report
 from bot.worker import dispatch
 
 if TYPE_CHECKING:
@@ -102,23 +104,34 @@ class Commands:
     # -- answers -----------------------------------------------------------------------------------
 
     def react(self, client: GitHubClient, intent: Any) -> None:
+        """Acknowledge an accepted command with a reaction (through the outbox)."""
         if intent.comment_id is None:
             return
-        owner, name = intent.repo.split("/", 1)
-        try:
-            client.add_reaction(
-                owner,
-                name,
-                intent.comment_id,
-                "eyes",
-                review_comment=intent.comment_kind == "review",
+        target = "review_comment" if intent.comment_kind == "review" else "comment"
+        self.service.sender.put(
+            Report(
+                report_id=report_key("reaction"),
+                lane=f"issue:{intent.repo}#{int(intent.number or 0)}",
+                kind="reaction",
+                installation_id=int(client.installation),
+                repo=intent.repo,
+                payload={"target": target, "id": int(intent.comment_id), "content": "eyes"},
             )
-        except GitHubError as exc:  # a missing reaction is not worth failing the command
-            log.warning("could not react to comment %s: %s", intent.comment_id, exc)
+        )
 
     def reply(self, client: GitHubClient, repo: str, number: int, body: str) -> None:
-        owner, name = repo.split("/", 1)
-        client.create_comment(owner, name, number, body)
+        """Answer on the issue or pull request (through the outbox: sent once, in order)."""
+        report_id = report_key("reply")
+        self.service.sender.put(
+            Report(
+                report_id=report_id,
+                lane=f"issue:{repo}#{number}",
+                kind="comment",
+                installation_id=int(client.installation),
+                repo=repo,
+                payload={"number": number, "body": marked(body, report_id)},
+            )
+        )
 
     # -- runs ------------------------------------------------------------------------------------
 

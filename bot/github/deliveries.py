@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bot.errors import TrimoError
+from bot.github.outbox import delivery_reports
 from bot.intents import Intent, intents_from
 from bot.logs import about_delivery
 from bot.store import Delivery, Store
@@ -104,7 +105,7 @@ class DeliveryLanes:
     def process(self, delivery: Delivery) -> None:
         """Act on one delivery's intents, then mark it processed (with the error, if any)."""
         error = None
-        with about_delivery(delivery.delivery_id):
+        with about_delivery(delivery.delivery_id), delivery_reports():
             try:
                 for intent in intents_from(delivery.intents):
                     self._handle(intent)

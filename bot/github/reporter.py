@@ -9,13 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.gateway.policy import usage_line
 from bot.github.client import GitHubClient
 from bot.junit import TestReport
 from bot.network import blocked_markdown
 from bot.states import PHASES, RunState
+from bot.store_outbox import Report
+
+if TYPE_CHECKING:
+    from bot.github.outbox import ReportSender
 
 COMMENT_MAX = 65536
 CHECK_TEXT_MAX = 65535
@@ -432,6 +436,10 @@ class Reporter:
     `edit_interval` after the last edit is kept as the run's pending view and posted when the
     interval is over (by `flush_due`, which a background thread calls), so no phase is shown for
     longer than `edit_interval` after it ended. The final state is always posted at once.
+
+    With a `sender`, each post is stored in the outbox first (one report per object, coalesced:
+    the latest version wins) and the sender delivers it, now or after GitHub let it; without
+    one (a test of rendering and timing), the client is called directly.
     """
 
     def __init__(
@@ -442,8 +450,12 @@ class Reporter:
         edit_interval: float = EDIT_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
+        sender: ReportSender | None = None,
+        installation_id: int = 0,
     ) -> None:
         self._client = client
+        self._sender = sender
+        self._installation_id = installation_id
         self._ids = ids
         self.edit_interval = edit_interval
         self._clock = clock
@@ -562,6 +574,53 @@ class Reporter:
                     self._wake.wait(IDLE_WAIT_SECONDS)
 
     def _publish(self, view: RunView) -> None:
+        if self._sender is not None:
+            self._store(view, self._sender)
+        else:
+            self._post(view)
+        with self._lock:
+            self._last_edit[view.run_id] = self._clock()
+
+    def _store(self, view: RunView, sender: ReportSender) -> None:
+        lane, final = f"run:{view.run_id}", view.state.finished
+
+        def report(name: str, kind: str, payload: dict[str, Any], coalesce: bool) -> Report:
+            return Report(
+                report_id=f"{lane}:{name}",
+                lane=lane,
+                kind=kind,
+                installation_id=self._installation_id,
+                repo=view.repo,
+                payload=payload,
+                run_id=view.run_id,
+                coalesce=coalesce,
+                final=final or not coalesce,
+            )
+
+        body = render_comment(view)
+        reports = [
+            report(
+                "comment",
+                "comment",
+                {"number": view.number, "body": body, "posted": "comment"},
+                True,
+            )
+        ]
+        check = check_run_payload(view)
+        if view.head_sha:
+            payload = {"sha": view.head_sha, "posted": "check_run", **check}
+            reports.append(report("check", "check_run", payload, True))
+        if final and view.result_sha and view.result_sha != view.head_sha:
+            external_id = f"{check['external_id']}-result"
+            payload = {"sha": view.result_sha, "posted": RESULT_CHECK, **check}
+            reports.append(
+                report("result-check", "check_run", payload | {"external_id": external_id}, False)
+            )
+        for item in reports:
+            sender.put(item, send=False)
+        sender.put_done(lane)
+
+    def _post(self, view: RunView) -> None:
         owner, repo = view.repo.split("/", 1)
         body = render_comment(view)
         comment_id = self._ids.recall(view.run_id, "comment")
@@ -574,8 +633,6 @@ class Reporter:
             self._publish_check(owner, repo, view)
         if view.state.finished and view.result_sha and view.result_sha != view.head_sha:
             self._publish_result_check(owner, repo, view)
-        with self._lock:
-            self._last_edit[view.run_id] = self._clock()
 
     def _publish_result_check(self, owner: str, repo: str, view: RunView) -> None:
         if self._ids.recall(view.run_id, RESULT_CHECK) is None:

@@ -18,6 +18,7 @@ from bot.junit import TestReport
 from bot.logs import about_run
 from bot.states import PHASES, PipelineKind, RunState
 from bot.store import Pipeline, Run, Store
+from bot.store_outbox import Report
 
 if TYPE_CHECKING:
     from bot.github.service import GitHubService
@@ -71,7 +72,7 @@ class RunReports:
         with self._run_lock(run.id):
             if run.state.finished:
                 if pipeline.kind == PipelineKind.ISSUE and run.head_sha and run.commits:
-                    self._ensure_pull(pipeline, installation_id)
+                    self._ensure_pull(pipeline, installation_id, run.id)
                     run = self.store.get_run(run.id)
                 if is_fork(pipeline):
                     self.service.forks.after_run(run, pipeline)
@@ -164,25 +165,51 @@ class RunReports:
             return run.base_sha or run.head_sha
         return None
 
-    def _ensure_pull(self, pipeline: Pipeline, installation_id: int) -> None:
+    def refresh(self, run_id: int) -> None:
+        """Report a run again from its row (its pull request was opened after its report)."""
+        with about_run(run_id):
+            self.report(self.store.get_run(run_id))
+
+    def sweep(self) -> None:
+        """Give each finished run whose final report was never stored (finished by the reaper,
+        by `trimo runs cancel`, or left by a crash between its end and its report) that report,
+        so that no check run stays in progress."""
+        for run_id in sorted(set(self.service.sender.outbox.runs_without_final("comment"))):
+            run = self.store.get_run(run_id)
+            if not run.state.finished:
+                continue
+            with about_run(run_id):
+                log.info("run %s finished without its final report; reporting it now", run_id)
+                try:
+                    self.report(run)
+                except Exception:
+                    log.exception("run %s: final report could not be stored", run_id)
+
+    def _ensure_pull(self, pipeline: Pipeline, installation_id: int, run_id: int) -> None:
+        """The draft pull request of an issue's pipeline, as a report ahead of the run's own:
+        sent at once when GitHub takes it, so the final report links it."""
         pipeline = self.store.get_pipeline(pipeline.id)
         if pipeline.pr_number:
             return
-        client = self.service.client(installation_id, pipeline.repo)
-        owner, name = pipeline.repo.split("/", 1)
-        found = client.find_pull(owner, name, pipeline.branch)
-        if found is None:
-            default = client.get_repo(owner, name).default_branch
-            found = client.create_pull(
-                owner,
-                name,
-                head=pipeline.branch,
-                base=default,
-                title=f"{pipeline.title} (#{pipeline.number})",
-                body=PR_BODY.format(number=pipeline.number, branch=pipeline.branch),
-                draft=True,
+        self.service.sender.put(
+            Report(
+                report_id=f"pipeline:{pipeline.id}:pull",
+                lane=f"run:{run_id}",
+                kind="pull",
+                installation_id=installation_id,
+                repo=pipeline.repo,
+                payload={
+                    "head": pipeline.branch,
+                    "base": None,
+                    "title": f"{pipeline.title} (#{pipeline.number})",
+                    "body": PR_BODY.format(number=pipeline.number, branch=pipeline.branch),
+                    "draft": True,
+                    "pipeline_id": pipeline.id,
+                },
+                run_id=run_id,
+                final=True,
             )
-        self.store.update_pipeline(pipeline.id, pr_number=found[0])
+        )
 
 
 class ReportObserver:

@@ -7,7 +7,8 @@ installation and repository, installation handling) and hands each intent to its
 - `deliveries`: the stored deliveries, in parallel across installations;
 - `commands`: who may make Trimo act, and each command's answer;
 - `forks`: the fork gate (approved commit, no secrets, no push to the base repository);
-- `run_reports`: the tracking comment, the check run and the draft PR of each run.
+- `run_reports`: the tracking comment, the check run and the draft PR of each run;
+- `outbox`: every write to GitHub, stored first, then sent once and in order by the sender.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bot.github.client import GitHubClient
 from bot.github.commands import Commands
 from bot.github.deliveries import DeliveryLanes
 from bot.github.forks import ForkGate, is_fork
+from bot.github.outbox import ReportSender
 from bot.github.reporter import EDIT_INTERVAL_SECONDS, Reporter, RunView
 from bot.github.run_reports import PostedIds, ReportObserver, RunReports
 from bot.intents import (
@@ -35,6 +37,7 @@ from bot.intents import (
 )
 from bot.settings import Settings
 from bot.store import Run, Store
+from bot.worker import worker_id
 from bot.workspace import Remote
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,21 @@ class GitHubService:
         self.write_interval = write_interval
         self.edit_interval = edit_interval
         self._clients: dict[tuple[int, str], GitHubClient] = {}
+        self._send_clients: dict[tuple[int, str], GitHubClient] = {}
         self._reporters: dict[tuple[int, str], Reporter] = {}
         self._lock = threading.Lock()
         self.deliveries = DeliveryLanes(store, self.handle)
         self.commands = Commands(self)
         self.forks = ForkGate(self)
         self.reports = RunReports(self)
+        self.sender = ReportSender(
+            store,
+            self.send_client,
+            worker_id(),
+            backoff=settings.report_backoff_seconds,
+            max_backoff=settings.report_max_backoff_seconds,
+        )
+        self.sender.pull_opened = self.reports.refresh
 
     # -- clients -----------------------------------------------------------------------------------
 
@@ -87,6 +99,21 @@ class GitHubService:
                 )
             return self._clients[key]
 
+    def send_client(self, installation_id: int, repo: str) -> GitHubClient:
+        """The client the outbox sends with: one attempt per call, since the outbox retries
+        (and a rate limit then waits in the store, not in a thread)."""
+        key = (installation_id, repo)
+        with self._lock:
+            if key not in self._send_clients:
+                self._send_clients[key] = GitHubClient.for_installation(
+                    self.auth,
+                    installation_id,
+                    repo.split("/", 1)[1],
+                    write_interval=self.write_interval,
+                    max_attempts=1,
+                )
+            return self._send_clients[key]
+
     def reporter(self, installation_id: int, repo: str) -> Reporter:
         """The repository's reporter; one per repository, so live edits are throttled per run."""
         client = self.client(installation_id, repo)
@@ -94,7 +121,11 @@ class GitHubService:
         with self._lock:
             if key not in self._reporters:
                 self._reporters[key] = Reporter(
-                    client, PostedIds(self.store), edit_interval=self.edit_interval
+                    client,
+                    PostedIds(self.store),
+                    edit_interval=self.edit_interval,
+                    sender=self.sender,
+                    installation_id=installation_id,
                 )
             return self._reporters[key]
 
