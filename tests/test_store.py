@@ -18,7 +18,15 @@ from alembic.script import ScriptDirectory
 
 from bot.errors import NoSuchRunError
 from bot.states import LIVE, PipelineKind, RunMode, RunState
-from bot.store import MIGRATIONS_DIR, Base, Installation, Pipeline, Store, schema_objects_of
+from bot.store import (
+    MIGRATIONS_DIR,
+    Base,
+    DeliveryState,
+    Installation,
+    Pipeline,
+    Store,
+    schema_objects_of,
+)
 
 
 @pytest.fixture
@@ -339,22 +347,60 @@ def test_deliveries_are_claimed_oldest_first_and_finished(store: Store) -> None:
     assert third is not None and third.delivery_id == "d-2"
 
 
-def test_a_delivery_taken_by_a_worker_that_died_is_claimed_again_below_newer_ones(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_delivery_whose_lease_expired_is_claimed_again_below_newer_ones(store: Store) -> None:
     for i in range(3):
         store.record_delivery(f"d-{i}", "issues", "labeled", f"[{i}]")
-    abandoned = store.claim_delivery()  # its worker dies before finishing it
+    # Its worker dies before finishing it, and so stops renewing its lease.
+    abandoned = store.claim_delivery("dead-worker", timedelta(seconds=1))
     assert abandoned is not None and abandoned.delivery_id == "d-0"
     for expected in ("d-1", "d-2"):
-        delivery = store.claim_delivery()
+        delivery = store.claim_delivery("live-worker")
         assert delivery is not None and delivery.delivery_id == expected
-        store.finish_delivery(expected)
-    assert store.claim_delivery() is None
+        assert store.finish_delivery(expected, owner="live-worker")
+    assert store.claim_delivery("live-worker") is None  # leased: not taken twice
     assert store.pending_deliveries() == 1
-    monkeypatch.setattr("bot.store.deliveries.DELIVERY_RETAKE_AFTER", timedelta(0))
-    again = store.claim_delivery()
-    assert again is not None and again.delivery_id == "d-0"
+    time.sleep(1.1)
+    again = store.claim_delivery("live-worker")
+    assert again is not None and again.delivery_id == "d-0" and again.attempts == 2
+    # The dead worker's late word no longer counts: the delivery is another's now.
+    assert not store.finish_delivery("d-0", owner="dead-worker")
+    assert store.finish_delivery("d-0", owner="live-worker")
+
+
+def test_a_renewed_lease_keeps_a_delivery_from_other_workers(store: Store) -> None:
+    store.record_delivery("d-slow", "issues", "labeled", "[1]")
+    held = store.claim_delivery("worker-a", timedelta(seconds=1))
+    assert held is not None
+    for _ in range(3):
+        time.sleep(0.5)
+        assert store.renew_delivery_leases("worker-a", ["d-slow"], timedelta(seconds=1)) == 1
+        assert store.claim_delivery("worker-b") is None
+
+
+def test_a_failed_delivery_is_retried_later_then_marked_failed_and_retried_by_hand(
+    store: Store,
+) -> None:
+    store.record_delivery("d-flaky", "issues", "labeled", "[1]")
+    first = store.claim_delivery("w")
+    assert first is not None and first.attempts == 1
+    assert store.retry_delivery_later("d-flaky", "GitHubWriteError: 502", timedelta(seconds=1), "w")
+    assert store.claim_delivery("w") is None  # not due yet
+    (waiting,) = store.list_deliveries(DeliveryState.RETRYING)
+    assert waiting.error == "GitHubWriteError: 502" and waiting.next_attempt_at is not None
+    time.sleep(1.1)
+    second = store.claim_delivery("w")
+    assert second is not None and second.attempts == 2
+    assert second.previous_error == "GitHubWriteError: 502"
+    store.finish_delivery("d-flaky", "gave up after 2 attempts", owner="w")
+    counts = store.delivery_counts()
+    assert counts[DeliveryState.FAILED] == 1 and counts[DeliveryState.PENDING] == 0
+    retried = store.retry_delivery("d-flaky")
+    assert retried is not None and retried.state == DeliveryState.RETRYING
+    third = store.claim_delivery("w")
+    assert third is not None and third.delivery_id == "d-flaky" and third.attempts == 1
+    store.finish_delivery("d-flaky", owner="w")
+    assert store.delivery_counts()[DeliveryState.PROCESSED] == 1
+    assert store.retry_delivery("no-such-delivery") is None
 
 
 def test_deliveries_recorded_after_all_were_processed_are_claimed_in_order(

@@ -16,10 +16,18 @@ The schema is created only by the Alembic migrations in bot/migrations.
 from __future__ import annotations
 
 from bot.store.base import MIGRATIONS_DIR, utcnow
-from bot.store.deliveries import DELIVERY_KEEP, DELIVERY_RETAKE_AFTER, Deliveries
+from bot.store.deliveries import DELIVERY_KEEP, DELIVERY_LEASE, Deliveries
 from bot.store.events import Events
 from bot.store.installations import Installations
-from bot.store.models import Delivery, Installation, Pipeline, Run, RunEventRow
+from bot.store.models import (
+    Delivery,
+    DeliveryInfo,
+    DeliveryState,
+    Installation,
+    Pipeline,
+    Run,
+    RunEventRow,
+)
 from bot.store.pipelines import Pipelines
 from bot.store.records import Base, UTCDateTime, schema_objects_of
 from bot.store.runs import RunQueue
@@ -27,10 +35,12 @@ from bot.store.sqlite import _Checkpointer
 
 __all__ = [
     "DELIVERY_KEEP",
-    "DELIVERY_RETAKE_AFTER",
+    "DELIVERY_LEASE",
     "MIGRATIONS_DIR",
     "Base",
     "Delivery",
+    "DeliveryInfo",
+    "DeliveryState",
     "Installation",
     "Pipeline",
     "Run",

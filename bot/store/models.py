@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import DeclarativeBase
@@ -121,6 +122,32 @@ class Delivery:
     intents: list[Any]
     received_at: datetime
     previous_error: str | None = None  # set when an earlier attempt failed
+    attempts: int = 1  # this one included
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # not yet processed (waiting, being processed, or waiting to retry)
+    RETRYING = "retrying"  # pending, after an attempt that failed
+    PROCESSED = "processed"
+    FAILED = "failed"  # processed, and it failed for good (`trimo deliveries retry` retries it)
+
+
+@dataclass(frozen=True)
+class DeliveryInfo:
+    """A stored delivery as `trimo deliveries ls` shows it."""
+
+    id: int
+    delivery_id: str
+    event: str
+    action: str | None
+    state: DeliveryState
+    attempts: int
+    received_at: datetime
+    processed_at: datetime | None
+    next_attempt_at: datetime | None
+    lease_owner: str | None
+    lease_until: datetime | None
+    error: str | None
 
 
 @dataclass(frozen=True)
