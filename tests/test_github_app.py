@@ -286,6 +286,10 @@ def app(
         threads = [
             threading.Thread(target=pool.run_forever, daemon=True),
             threading.Thread(target=deliveries, daemon=True),
+            # As in `trimo worker`: what GitHub did not take at once goes from here.
+            threading.Thread(
+                target=service.sender.run_forever, args=(stop, service.reports.sweep), daemon=True
+            ),
         ]
         for t in threads:
             t.start()

@@ -84,6 +84,15 @@ def run_worker(settings_path: Path | None, stop: threading.Event, **overrides: A
                 target=_deliveries, args=(service, stop), name="trimo-deliveries", daemon=True
             )
         )
+        # Reports GitHub did not take at once, and final reports of runs finished elsewhere.
+        threads.append(
+            threading.Thread(
+                target=service.sender.run_forever,
+                args=(stop, service.reports.sweep),
+                name="trimo-reports",
+                daemon=True,
+            )
+        )
     for t in threads:
         t.start()
     click.echo(

@@ -63,7 +63,14 @@ class GitHubService:
         self._send_clients: dict[tuple[int, str], GitHubClient] = {}
         self._reporters: dict[tuple[int, str], Reporter] = {}
         self._lock = threading.Lock()
-        self.deliveries = DeliveryLanes(store, self.handle)
+        self.deliveries = DeliveryLanes(
+            store,
+            self.handle,
+            owner=worker_id(),
+            attempts=settings.delivery_attempts,
+            backoff=settings.delivery_backoff_seconds,
+            lease=settings.delivery_lease_seconds,
+        )
         self.commands = Commands(self)
         self.forks = ForkGate(self)
         self.reports = RunReports(self)
