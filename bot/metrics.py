@@ -1,5 +1,6 @@
 """What /metrics shows, in Prometheus' format: runs by state and repository, the queue, phase
-durations, GitHub calls and rate limit, egress denials. Read from the store and the workers'
+durations, GitHub calls and rate limit, egress denials, webhook deliveries (pending, retrying,
+failed, retried) and the reports waiting in the outbox. Read from the store and the workers'
 status files when scraped, so it is the same whichever process serves it."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bot.health import read_statuses
 from bot.network import EGRESS_DENIED
 from bot.states import FINISHED, RunState
 from bot.store import Store
+from bot.store_outbox import Outbox
 
 # Seconds: a phase takes from well under a second (queued on a free worker) to hours (agent).
 PHASE_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -70,6 +72,27 @@ class RunMetrics(Collector):
                 "Connections from run containers that the network policy refused",
                 value=self._denials,
             )
+        deliveries = GaugeMetricFamily(
+            "trimo_inbox_deliveries",
+            "Stored webhook deliveries by state (retrying ones are pending too)",
+            labels=["state"],
+        )
+        for state, count in self.store.delivery_counts().items():
+            deliveries.add_metric([state.value], count)
+        yield deliveries
+        yield GaugeMetricFamily(
+            "trimo_inbox_deliveries_retried",
+            "Stored deliveries processed in the end after more than one attempt",
+            value=self.store.retried_deliveries(),
+        )
+        reports = GaugeMetricFamily(
+            "trimo_outbox_reports",
+            "Reports to GitHub in the outbox by state (retrying: pending after a failed attempt)",
+            labels=["state"],
+        )
+        for state, count in sorted(Outbox(self.store).counts().items()):
+            reports.add_metric([state], count)
+        yield reports
         statuses = read_statuses(self.data_dir)
         yield GaugeMetricFamily(
             "trimo_workers_alive", "Workers that reported within 30 s", value=len(statuses)

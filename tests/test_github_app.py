@@ -37,6 +37,7 @@ from bot.secrets import ServerSecrets
 from bot.settings import Settings
 from bot.states import FINISHED, PipelineKind, RunMode, RunState
 from bot.store import Store
+from bot.store_outbox import Outbox, ReportState
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
 from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database
@@ -127,12 +128,27 @@ class App:
             try:
                 run = self.store.get_run(run_id)
                 if run.finished:
-                    time.sleep(0.3)  # the final report follows the state by a moment
+                    self.wait_reported(run_id)
                     return run.state
             except Exception:  # noqa: BLE001 - not there yet
                 pass
             time.sleep(0.2)
         raise AssertionError(f"run {run_id} did not finish")
+
+    def wait_reported(self, run_id: int, timeout: float = 30) -> None:
+        """Wait until the run's final report is stored and GitHub took all of its reports (a
+        run that was never reported, such as a refused one, is not waited for long)."""
+        outbox = Outbox(self.store)
+        deadline = time.monotonic() + timeout
+        quiet_until = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            final = outbox.get(f"run:{run_id}:comment")
+            waiting = outbox.entries(run_id=run_id, states=[ReportState.PENDING])
+            if final is not None and final.final and not waiting:
+                return
+            if final is None and time.monotonic() > quiet_until:
+                return
+            time.sleep(0.1)
 
     def wait_for(self, pred: Any, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,31 @@ def test_metrics_count_runs_phases_deliveries_github_calls_and_denials(
     }
     assert sum(outcomes.values()) == 2
     assert outcomes[(("event", "unverified"), ("outcome", "bad_signature"))] == 1
+    assert samples[("trimo_outbox_reports", (("state", "pending"),))] == 0
+
+    # The inbox: one delivery failed for good, one went through on its second attempt, one
+    # waits for its retry.
+    while (delivery := store.claim_delivery("w")) is not None:  # the webhook's, if it queued
+        store.finish_delivery(delivery.delivery_id, owner="w")
+    for name in ("d-failed", "d-retried", "d-waiting"):
+        store.record_delivery(name, "issues", "labeled", "[1]")
+
+    def claim(name: str) -> None:
+        delivery = store.claim_delivery("w")
+        assert delivery is not None and delivery.delivery_id == name
+
+    claim("d-failed")
+    store.finish_delivery("d-failed", "gave up after 1 attempt", owner="w")
+    claim("d-retried")
+    store.retry_delivery_later("d-retried", "HTTP 502", timedelta(0), "w")
+    claim("d-retried")
+    store.finish_delivery("d-retried", owner="w")
+    claim("d-waiting")
+    store.retry_delivery_later("d-waiting", "HTTP 502", timedelta(hours=1), "w")
+    inbox = _samples(client.get("/metrics").get_data(as_text=True))
+    assert inbox[("trimo_inbox_deliveries", (("state", "failed"),))] == 1
+    assert inbox[("trimo_inbox_deliveries", (("state", "retrying"),))] == 1
+    assert inbox[("trimo_inbox_deliveries_retried", ())] == 1
 
     # Scraped again: the phases seen once are not counted twice.
     again = _samples(client.get("/metrics").get_data(as_text=True))

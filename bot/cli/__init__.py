@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from bot.cli.deliveries import deliveries
 from bot.cli.image import image
 from bot.cli.run import demo, run
 from bot.cli.runs import runs
@@ -36,6 +37,7 @@ cli.add_command(serve)
 cli.add_command(worker)
 cli.add_command(runs)
 cli.add_command(ui)
+cli.add_command(deliveries)
 
 
 def main() -> None:

@@ -326,13 +326,14 @@ class GitHubClient:
         output: Mapping[str, Any] | None = None,
         details_url: str | None = None,
         external_id: str | None = None,
+        completed_at: datetime | None = None,
     ) -> int:
         """Create a check run; with `external_id` a retried create finds the first one."""
         first, rest = _split_annotations(output)
         body: dict[str, Any] = {"name": name, "head_sha": head_sha, "status": status}
         if conclusion:
             body["conclusion"] = conclusion
-            body["completed_at"] = _timestamp(datetime.now(UTC))
+            body["completed_at"] = _timestamp(completed_at or datetime.now(UTC))
         if first is not None:
             body["output"] = first
         if details_url:

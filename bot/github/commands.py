@@ -184,6 +184,13 @@ class Commands:
         self.react(client, intent)
         if intent.is_fork and not service.forks.admits(client, intent, pipeline):
             return
+        # Processing this delivery again (a retry after a failure further on) queues no second
+        # run: the one it queued is reported again (the outbox sends nothing twice).
+        key = report_key("run")
+        known = self.store.delivery_run(key)
+        if known is not None:
+            service.reports.queued(self.store.get_run(known), installation_id)
+            return
         run = dispatch(
             self.store,
             pipeline,
@@ -200,6 +207,7 @@ class Commands:
             instructions=intent.instructions,
             head_sha=intent.head_sha,
         )
+        self.store.remember_delivery_run(key, run.id)
         service.reports.queued(run, installation_id)
 
     def _from_check_run(self, intent: RunIntent) -> tuple[RunIntent, str]:

@@ -265,6 +265,10 @@ class ReportSender:
             "conclusion": p.get("conclusion"),
             "output": p.get("output"),
             "details_url": p.get("details_url"),
+            # When the run finished, not when GitHub at last took the report.
+            "completed_at": datetime.fromisoformat(p["completed_at"])
+            if p.get("completed_at")
+            else None,
         }
         if known is None and unsure:
             known = client.find_check_run(owner, repo, sha, name, external_id)

@@ -607,6 +607,8 @@ class Reporter:
             )
         ]
         check = check_run_payload(view)
+        if final and view.finished_at is not None:
+            check["completed_at"] = view.finished_at.isoformat()
         if view.head_sha:
             payload = {"sha": view.head_sha, "posted": "check_run", **check}
             reports.append(report("check", "check_run", payload, True))

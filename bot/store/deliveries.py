@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from bot.store.base import StoreBase, utcnow
 from bot.store.models import Delivery, DeliveryInfo, DeliveryState
-from bot.store.records import DeliveryRecord
+from bot.store.records import DeliveryRecord, DeliveryRunRecord
 from bot.store.sqlite import _DELIVERY_WRITER_LOCK, _DeliveryWriter
 
 # A delivery is processed under a lease this long, renewed while it is processed; a worker
@@ -149,6 +149,17 @@ class Deliveries(StoreBase):
                 )
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def delivery_run(self, key: str) -> int | None:
+        """The run that processing a delivery queued under `key`, if it did."""
+        with self._read() as s:
+            row = s.get(DeliveryRunRecord, key)
+            return row.run_id if row else None
+
+    def remember_delivery_run(self, key: str, run_id: int) -> None:
+        stmt = self._insert(DeliveryRunRecord).values(key=key, run_id=run_id)
+        with self._write() as s:
+            s.execute(stmt.on_conflict_do_nothing())
 
     def get_delivery(self, key: str) -> DeliveryInfo | None:
         """A stored delivery by its delivery id (GitHub's) or its row id."""

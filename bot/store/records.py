@@ -154,6 +154,15 @@ class DeliveryRecord(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class DeliveryRunRecord(Base):
+    """The run a delivery's processing queued, so processing it again queues no second one."""
+
+    __tablename__ = "delivery_runs"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+
+
 class InstallationRecord(Base):
     __tablename__ = "installations"
 

@@ -3,7 +3,8 @@
 Every write Trimo makes to GitHub is stored in `outbox` first and sent from there, so a crash,
 a restart or GitHub's rate limits neither lose nor double a report. A delivery being processed
 is held under a lease (owner and expiry, renewed while it is processed) instead of a taken time,
-and a failed one is retried with backoff up to a limit (`attempts`, `next_attempt_at`).
+and a failed one is retried with backoff up to a limit (`attempts`, `next_attempt_at`);
+`delivery_runs` keeps the run each delivery queued, so a retried one queues none again.
 
 Revision ID: 0005
 Revises: 0003
@@ -57,6 +58,13 @@ def upgrade() -> None:
     )
     op.create_index("ix_outbox_state_lane_seq", "outbox", ["state", "lane", "seq"])
     op.create_index("ix_outbox_run_id", "outbox", ["run_id"])
+    op.create_table(
+        "delivery_runs",
+        sa.Column("key", sa.String(200), primary_key=True),
+        sa.Column(
+            "run_id", sa.Integer(), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False
+        ),
+    )
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("next_attempt_at", UTC_TIME, nullable=True))
@@ -70,6 +78,7 @@ def downgrade() -> None:
         batch.drop_column("lease_owner")
         batch.drop_column("next_attempt_at")
         batch.drop_column("attempts")
+    op.drop_table("delivery_runs")
     op.drop_index("ix_outbox_run_id", table_name="outbox")
     op.drop_index("ix_outbox_state_lane_seq", table_name="outbox")
     op.drop_table("outbox")
