@@ -33,7 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Mapped, aliased, mapped_column
+from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from bot.store import Base, UTCDateTime, utcnow
 
@@ -136,56 +136,62 @@ class Outbox:
 
     def put(self, report: Report) -> bool:
         """Store a report; False when it changes nothing (already stored, or final and sent)."""
+        return self.put_all([report])[0]
+
+    def put_all(self, reports: Iterable[Report]) -> list[bool]:
+        """Store several reports at once (a run's comment and check runs: a sender sees all of
+        them or none); for each, whether it changed anything."""
         now = utcnow()
-        payload = json.dumps(report.payload, sort_keys=True)
         with self.store._write() as s:
-            row = s.execute(
-                select(OutboxRecord)
-                .where(OutboxRecord.report_id == report.report_id)
-                .with_for_update()
-            ).scalar_one_or_none()
-            seq = int(s.execute(select(func.coalesce(func.max(OutboxRecord.seq), 0))).scalar_one())
-            if row is None:
-                s.add(
-                    OutboxRecord(
-                        report_id=report.report_id,
-                        lane=report.lane,
-                        seq=seq + 1,
-                        run_id=report.run_id,
-                        installation_id=report.installation_id,
-                        repo=report.repo,
-                        kind=report.kind,
-                        payload=payload,
-                        final=report.final,
-                        state=str(ReportState.PENDING),
-                        version=1,
-                        attempts=0,
-                        next_attempt_at=report.not_before,
-                        created_at=now,
-                        updated_at=now,
-                    )
+            return [self._put(s, report, now) for report in reports]
+
+    def _put(self, s: Session, report: Report, now: datetime) -> bool:
+        payload = json.dumps(report.payload, sort_keys=True)
+        row = s.execute(
+            select(OutboxRecord).where(OutboxRecord.report_id == report.report_id).with_for_update()
+        ).scalar_one_or_none()
+        seq = int(s.execute(select(func.coalesce(func.max(OutboxRecord.seq), 0))).scalar_one())
+        if row is None:
+            s.add(
+                OutboxRecord(
+                    report_id=report.report_id,
+                    lane=report.lane,
+                    seq=seq + 1,
+                    run_id=report.run_id,
+                    installation_id=report.installation_id,
+                    repo=report.repo,
+                    kind=report.kind,
+                    payload=payload,
+                    final=report.final,
+                    state=str(ReportState.PENDING),
+                    version=1,
+                    attempts=0,
+                    next_attempt_at=report.not_before,
+                    created_at=now,
+                    updated_at=now,
                 )
-                return True
-            if not report.coalesce or row.payload == payload:
-                return False
-            if row.final and not report.final:
-                return False  # a straggling live edit after the last version: older news
-            if row.final and row.state == ReportState.SENT and row.kind == SEALED_WHEN_FINAL:
-                # GitHub appends a check run's annotations on every update: once completed, it
-                # is left alone.
-                return False
-            row.payload = payload
-            row.final = report.final
-            row.version += 1
-            row.seq = seq + 1
-            row.updated_at = now
-            row.state = str(ReportState.PENDING)
-            waiting = row.next_attempt_at is not None and row.next_attempt_at > now
-            if not waiting:
-                # A retry's wait is kept (GitHub's rate limit, a backoff): the new version goes
-                # when the old one would have.
-                row.next_attempt_at = report.not_before
+            )
             return True
+        if not report.coalesce or row.payload == payload:
+            return False
+        if row.final and not report.final:
+            return False  # a straggling live edit after the last version: older news
+        if row.final and row.state == ReportState.SENT and row.kind == SEALED_WHEN_FINAL:
+            # GitHub appends a check run's annotations on every update: once completed, it
+            # is left alone.
+            return False
+        row.payload = payload
+        row.final = report.final
+        row.version += 1
+        row.seq = seq + 1
+        row.updated_at = now
+        row.state = str(ReportState.PENDING)
+        waiting = row.next_attempt_at is not None and row.next_attempt_at > now
+        if not waiting:
+            # A retry's wait is kept (GitHub's rate limit, a backoff): the new version goes
+            # when the old one would have.
+            row.next_attempt_at = report.not_before
+        return True
 
     def take(self, owner: str, lease: timedelta, lane: str | None = None) -> OutboxEntry | None:
         """The first due report at the head of a lane (of `lane`, or any), leased to `owner`.
@@ -208,8 +214,10 @@ class Outbox:
         if lane is not None:
             heads = heads.where(OutboxRecord.lane == lane)
         head = heads.subquery()
-        with self.store._write() as s:
-            candidates = s.execute(
+        # Looked for in a read first: most looks find nothing, and on SQLite a write
+        # transaction holds the database's one write lock.
+        with self.store._read() as s:
+            found = s.execute(
                 select(OutboxRecord.id)
                 .join(head, and_(OutboxRecord.lane == head.c.lane, OutboxRecord.seq == head.c.seq))
                 .where(
@@ -220,13 +228,19 @@ class Outbox:
                 .order_by(OutboxRecord.seq, OutboxRecord.id)
                 .limit(20)
             ).scalars()
-            for candidate in list(candidates):
+            candidates = list(found)
+        if not candidates:
+            return None
+        with self.store._write() as s:
+            for candidate in candidates:
                 taken = s.execute(
                     update(OutboxRecord)
                     .where(
                         OutboxRecord.id == candidate,
                         OutboxRecord.state == str(ReportState.PENDING),
                         or_(OutboxRecord.lease_until.is_(None), OutboxRecord.lease_until <= now),
+                        # Another sender may have taken one of this lane since the read.
+                        ~in_flight,
                     )
                     .values(
                         lease_owner=owner,

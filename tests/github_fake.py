@@ -168,6 +168,8 @@ class FakeGitHub:
         self.token_lifetime = token_lifetime
 
         self.requests: list[RecordedRequest] = []
+        # The requests answered with a failure of `fail_next`, and the status they got.
+        self.failed: list[tuple[RecordedRequest, int]] = []
         self.violations: list[str] = []
         self.repos: dict[str, Json] = {}
         self.issues: dict[tuple[str, int], Json] = {}
@@ -457,15 +459,18 @@ class FakeGitHub:
             body = raw
         method = (req.method or "GET").upper()
         with self._lock:
-            self.requests.append(
-                RecordedRequest(method, path, query, body, dict(req.headers), time.monotonic())
+            recorded = RecordedRequest(
+                method, path, query, body, dict(req.headers), time.monotonic()
             )
+            self.requests.append(recorded)
             outside = self._as_user(req, method, path) or self._manifest_conversion(method, path)
             if outside is not None:
                 return outside
             if self.validate:
                 self._validate(req, method, raw_path)
             failure = self._take_failure(method, path)
+            if failure is not None:
+                self.failed.append((recorded, failure.status))
             if failure is not None and not failure.apply:
                 return self._failure_reply(failure)
             reply = self._route(req, method, raw_path, query, body)

@@ -47,7 +47,27 @@ SWEEP_SECONDS = 5.0
 FINAL_STATUSES = frozenset({400, 404, 410, 422})
 REPLY_MARKER = "<!-- trimo:report={report_id} -->"
 
+RATE_LIMITED = "waiting out GitHub's rate limit on this installation"
+
 _SENDING = threading.local()
+# Until when (time.monotonic()) GitHub asked each installation to send nothing, in this process.
+_PAUSED: dict[str, float] = {}
+_PAUSED_LOCK = threading.Lock()
+
+
+def _pause(client: GitHubClient, seconds: float) -> None:
+    key = f"{client.api_url}#{client.installation}"
+    with _PAUSED_LOCK:
+        _PAUSED[key] = max(_PAUSED.get(key, 0.0), time.monotonic() + seconds)
+
+
+def _paused_for(client: GitHubClient) -> float:
+    """Seconds this installation is still asked to wait (0: none)."""
+    with _PAUSED_LOCK:
+        until = _PAUSED.get(f"{client.api_url}#{client.installation}", 0.0)
+    return max(until - time.monotonic(), 0.0)
+
+
 # Within one delivery's processing: how many reports it stored so far (see `report_key`).
 _DELIVERY_REPORTS: ContextVar[list[int] | None] = ContextVar("trimo_delivery_reports", default=None)
 
@@ -109,8 +129,10 @@ class ReportSender:
         self._wake.set()
         return changed
 
-    def put_done(self, lane: str) -> None:
-        """Several reports of `lane` were stored (`send=False`): send them now, in order."""
+    def put_all(self, reports: list[Report], lane: str) -> None:
+        """Store several reports of `lane` at once (no sender sees some without the others),
+        then try the lane now."""
+        self.outbox.put_all(reports)
         if not sending():
             self.send(lane)
         self._wake.set()
@@ -152,11 +174,19 @@ class ReportSender:
     # ---- one report -------------------------------------------------------------------------
 
     def _send_one(self, entry: OutboxEntry) -> bool:
+        client = self._client_for(entry.installation_id, entry.repo)
+        paused = _paused_for(client)
+        if paused > 0:
+            # GitHub's rate limit holds for the whole installation: nothing is sent to it until
+            # the time it named, and this report waits as long.
+            self.outbox.retry_later(entry, RATE_LIMITED, paused)
+            return False
         try:
-            github_id, url = self._deliver(entry)
+            github_id, url = self._deliver(entry, client)
         except GitHubWriteError as exc:
             if exc.status in (403, 429) and exc.retry_after is not None:
                 wait = exc.retry_after  # what GitHub asked for
+                _pause(client, wait)
             else:
                 wait = self._backoff(entry.attempts)
             log.warning("report %s: %s; again in %.1f s", entry.report_id, exc, wait)
@@ -189,8 +219,7 @@ class ReportSender:
     def _backoff(self, attempts: int) -> float:
         return float(min(self.backoff * 2 ** max(attempts - 1, 0), self.max_backoff))
 
-    def _deliver(self, entry: OutboxEntry) -> tuple[int | None, str | None]:
-        client = self._client_for(entry.installation_id, entry.repo)
+    def _deliver(self, entry: OutboxEntry, client: GitHubClient) -> tuple[int | None, str | None]:
         owner, repo = entry.repo.split("/", 1)
         p = entry.payload
         # A report taken before whose answer never came: what it made may exist already.

@@ -618,9 +618,7 @@ class Reporter:
             reports.append(
                 report("result-check", "check_run", payload | {"external_id": external_id}, False)
             )
-        for item in reports:
-            sender.put(item, send=False)
-        sender.put_done(lane)
+        sender.put_all(reports, lane)
 
     def _post(self, view: RunView) -> None:
         owner, repo = view.repo.split("/", 1)
