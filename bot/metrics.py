@@ -22,7 +22,7 @@ from bot.health import read_statuses
 from bot.network import EGRESS_DENIED
 from bot.states import FINISHED, RunState
 from bot.store import Store
-from bot.store_outbox import Outbox
+from bot.store.outbox import Outbox
 
 # Seconds: a phase takes from well under a second (queued on a free worker) to hours (agent).
 PHASE_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)

@@ -37,7 +37,7 @@ from bot.secrets import ServerSecrets
 from bot.settings import Settings
 from bot.states import FINISHED, PipelineKind, RunMode, RunState
 from bot.store import Store
-from bot.store_outbox import Outbox, ReportState
+from bot.store.outbox import Outbox, ReportState
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
 from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database

@@ -16,7 +16,7 @@ from bot.logs import about_delivery
 from bot.settings import Settings
 from bot.states import PipelineKind, RunState
 from bot.store import Pipeline, Run, Store
-from bot.store_outbox import ReportState
+from bot.store.outbox import ReportState
 from tests.github_fake import FakeGitHub
 
 REPO = "octo/hello"

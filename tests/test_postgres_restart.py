@@ -30,7 +30,7 @@ from bot.github.auth import AppAuth
 from bot.github.service import GitHubService
 from bot.settings import Settings
 from bot.store import DeliveryState, Store
-from bot.store_outbox import ReportState
+from bot.store.outbox import ReportState
 from tests.conftest import GITHUB_FIXTURES
 from tests.github_fake import FakeGitHub
 from tests.postgres_cluster import Cluster, own_cluster

@@ -27,7 +27,7 @@ from bot.intents import (
 )
 from bot.states import PipelineKind, RunState
 from bot.store import Pipeline
-from bot.store_outbox import Report
+from bot.store.outbox import Report
 from bot.worker import dispatch
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 Every write Trimo makes to GitHub (the tracking comment and its edits, check runs, the draft
 pull request, replies to commands, reactions, labels) is a `Report` in the outbox
-(bot/store_outbox.py) before anything is sent. The thread that stored it tries to send its lane
+(bot/store/outbox.py) before anything is sent. The thread that stored it tries to send its lane
 at once, so a report appears without waiting for a poll; what GitHub does not take then (a 5xx,
 a dropped connection, a rate limit) is sent by the worker's sender thread later: after what
 `retry-after` or `x-ratelimit-reset` says when GitHub says it, else with exponential backoff.
@@ -31,7 +31,7 @@ from typing import Any
 from bot.github.client import MARKER, GitHubClient, GitHubError, GitHubWriteError
 from bot.logs import delivery_id_var
 from bot.store import Store
-from bot.store_outbox import Outbox, OutboxEntry, Report
+from bot.store.outbox import Outbox, OutboxEntry, Report
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from bot.github.client import GitHubClient
 from bot.junit import TestReport
 from bot.network import blocked_markdown
 from bot.states import PHASES, RunState
-from bot.store_outbox import Report
+from bot.store.outbox import Report
 
 if TYPE_CHECKING:
     from bot.github.outbox import ReportSender

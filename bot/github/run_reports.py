@@ -18,7 +18,7 @@ from bot.junit import TestReport
 from bot.logs import about_run
 from bot.states import PHASES, PipelineKind, RunState
 from bot.store import Pipeline, Run, Store
-from bot.store_outbox import Report
+from bot.store.outbox import Report
 
 if TYPE_CHECKING:
     from bot.github.service import GitHubService

@@ -6,7 +6,8 @@ each in a module of its own:
 - `records`: the SQLAlchemy tables; `models`: the snapshots handed out (`Run`, `Pipeline`, ...)
   and their conversion from records, derived from the two declarations;
 - `pipelines`, `runs` (the run queue), `events`, `deliveries` (the webhook delivery inbox),
-  `installations` (installations, posted GitHub ids, refusals);
+  `installations` (installations, posted GitHub ids, refusals), `outbox` (every write to
+  GitHub, stored before it is sent; `Outbox(store)`);
 - `base`: the engine, sessions and migrations every part shares; `sqlite`: the delivery
   writer's group commit, the WAL checkpoint thread and the fork hooks.
 
@@ -28,6 +29,7 @@ from bot.store.models import (
     Run,
     RunEventRow,
 )
+from bot.store.outbox import Outbox, Report, ReportState
 from bot.store.pipelines import Pipelines
 from bot.store.records import Base, UTCDateTime, schema_objects_of
 from bot.store.runs import RunQueue
@@ -42,7 +44,10 @@ __all__ = [
     "DeliveryInfo",
     "DeliveryState",
     "Installation",
+    "Outbox",
     "Pipeline",
+    "Report",
+    "ReportState",
     "Run",
     "RunEventRow",
     "Store",

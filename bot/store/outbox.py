@@ -1,4 +1,4 @@
-"""The outbox: every write to GitHub, stored before it is sent.
+"""The outbox: every write to GitHub, stored before it is sent (the sender: bot/github/outbox.py).
 
 A report has an id that names what it is (`run:7:comment`, `delivery:<id>:1`), a lane (the run,
 or the issue a command answered) and an order key within it. Sending takes the head of a lane
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -35,11 +35,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
-from bot.store import Base, UTCDateTime, utcnow
-
-if TYPE_CHECKING:
-    from bot.store import Store
-
+from bot.store.base import StoreBase, utcnow
+from bot.store.records import Base, UTCDateTime
 
 # The kind of report that is never updated again once its final version was sent.
 SEALED_WHEN_FINAL = "check_run"
@@ -131,7 +128,7 @@ class OutboxEntry:
 class Outbox:
     """The outbox's table, on the run store's database."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StoreBase) -> None:
         self.store = store
 
     def put(self, report: Report) -> bool:
