@@ -174,10 +174,8 @@ class RunReports:
         """Give each finished run whose final report was never stored (finished by the reaper,
         by `trimo runs cancel`, or left by a crash between its end and its report) that report,
         so that no check run stays in progress."""
-        for run_id in sorted(set(self.service.sender.outbox.runs_without_final("comment"))):
+        for run_id in self.service.sender.outbox.runs_without_final("comment"):
             run = self.store.get_run(run_id)
-            if not run.state.finished:
-                continue
             with about_run(run_id):
                 log.info("run %s finished without its final report; reporting it now", run_id)
                 try:

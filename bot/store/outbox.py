@@ -35,8 +35,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
+from bot.states import FINISHED
 from bot.store.base import StoreBase, utcnow
-from bot.store.records import Base, UTCDateTime
+from bot.store.records import Base, RunRecord, UTCDateTime
 
 # The kind of report that is never updated again once its final version was sent.
 SEALED_WHEN_FINAL = "check_run"
@@ -360,18 +361,20 @@ class Outbox:
         }
 
     def runs_without_final(self, kind: str) -> list[int]:
-        """Runs with a report of `kind` stored whose last version was never stored."""
+        """Finished runs with a report of `kind` stored whose last version never was."""
         with self.store._read() as s:
             return [
                 run_id
                 for run_id in s.scalars(
-                    select(OutboxRecord.run_id).where(
+                    select(RunRecord.id)
+                    .join(OutboxRecord, RunRecord.id == OutboxRecord.run_id)
+                    .where(
                         OutboxRecord.kind == kind,
                         OutboxRecord.final.is_(False),
-                        OutboxRecord.run_id.is_not(None),
+                        RunRecord.state.in_([str(x) for x in FINISHED]),
                     )
+                    .order_by(OutboxRecord.run_id)
                 )
-                if run_id is not None
             ]
 
 
