@@ -18,7 +18,7 @@ RETRIED = "delivery {key} ({event}) queued again; a worker takes it within a sec
 
 
 def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
 
 
 def _row(info: DeliveryInfo) -> dict[str, object]:
@@ -61,9 +61,11 @@ def ls(state: str | None, limit: int, as_json: bool, settings_path: Path | None)
             click.echo(json.dumps(_row(info)))
         return
     counts = app.store.delivery_counts()
+    retrying = counts[DeliveryState.RETRYING]
     click.echo(
-        " · ".join(f"{n} {s.value}" for s, n in counts.items())
-        + f" · {app.store.retried_deliveries()} processed after a retry"
+        f"{counts[DeliveryState.PENDING] - retrying} waiting · {retrying} retrying · "
+        f"{counts[DeliveryState.FAILED]} failed · {counts[DeliveryState.PROCESSED]} processed "
+        f"({app.store.retried_deliveries()} after a retry)"
     )
     if not rows:
         click.echo("no deliveries" + (f" {state}" if state else ""))
