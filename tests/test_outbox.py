@@ -6,6 +6,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,43 @@ def _phase(body: str) -> int:
     if ": " not in heading.split("Trimo run #", 1)[1]:
         return len(ORDER)
     return ORDER.index(heading.rsplit(": ", 1)[1])
+
+
+def test_a_sender_that_dies_after_github_took_a_create_posts_nothing_twice(
+    service: tuple[FakeGitHub, GitHubService],
+) -> None:
+    fake, svc = service
+    store = svc.store
+    fake.add_issue(REPO, title="Work 1")
+    pipeline = _pipeline(store, PipelineKind.PULL, 1)
+    run = store.create_run(pipeline.id, trigger="label", task="t", sender="alice", head_sha=SHA)
+
+    class Died(Exception):
+        pass
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise Died("the worker was killed between GitHub's answer and the store")
+
+    # The first sender has GitHub's answer for the tracking comment, then dies before it can
+    # store it; its lease runs out.
+    doomed = ReportSender(store, svc.send_client, "doomed-worker", lease=timedelta(seconds=1))
+    doomed.outbox.sent = dies  # type: ignore[method-assign]
+    svc.sender = doomed
+    with pytest.raises(Died):
+        svc.reports.queued(run, 1)
+    assert len(fake.comments_on(REPO, 1)) == 1 and fake.check_runs == {}
+    # The next worker's sender takes the lane over once the lease expired: it finds the
+    # comment by its marker instead of posting it again, then goes on in order.
+    heir = ReportSender(store, svc.send_client, "next-worker", backoff=0.05)
+    assert heir.send() == []  # still leased to the dead one
+    time.sleep(1.1)
+    taken = [e.report_id for e in heir.send()]
+    assert taken == [f"run:{run.id}:comment", f"run:{run.id}:check"]
+    assert heir.outbox.counts()[ReportState.PENDING] == 0
+    (comment,) = fake.comments_on(REPO, 1)
+    assert f"<!-- trimo:run={run.id} -->" in comment["body"]
+    assert heir.outbox.get(f"run:{run.id}:comment").github_id == comment["id"]  # type: ignore[union-attr]
+    (check,) = fake.check_runs.values()
+    assert check["status"] == "queued"
+    assert len(fake.requests_to("POST", r"/issues/1/comments$")) == 1
+    assert len(fake.requests_to("POST", r"/check-runs$")) == 1
