@@ -7,7 +7,7 @@ and a failed one is retried with backoff up to a limit (`attempts`, `next_attemp
 `delivery_runs` keeps the run each delivery queued, so a retried one queues none again.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-02
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | None = None
 depends_on: str | None = None
 
