@@ -27,7 +27,7 @@ import docker
 from bot import images
 from bot.errors import TrimoError
 from bot.network import PROXY_ALIAS, PROXY_PORT, Blocked, NetworkPolicy, parse_proxy_line
-from bot.runtime import ContainerSpec, DockerRuntime, ProxySpec
+from bot.runtime import ENGINE_UNREACHABLE, ContainerSpec, DockerRuntime, ProxySpec
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class RunNetwork:
         self._error: BaseException | None = None
         self._reader: threading.Thread | None = None
         self._closing = False
+        self._proxy_left = False  # its removal failed: close() tries again
         self._closer: threading.Thread | None = None
         self._spare: threading.Thread | None = None
         self._image: tuple[str, str] | None = None
@@ -165,7 +166,7 @@ class RunNetwork:
         try:
             if not self.runtime.spare_proxies(self.store, image_id):
                 self.runtime.start_spare_proxy(image, self.owner, self.store)
-        except (docker.errors.DockerException, RuntimeError) as exc:
+        except (docker.errors.DockerException, RuntimeError, *ENGINE_UNREACHABLE) as exc:
             # The next run starts a proxy of its own: slower, never less safe.
             log.warning("could not start a spare egress proxy: %s", exc)
 
@@ -212,6 +213,9 @@ class RunNetwork:
         self._closer.join()
         if self._spare is not None:
             self._spare.join()
+        if self._proxy_left and self.proxy_id is not None:
+            # The engine was away when the run's container exited (a restart): it is back now.
+            self._proxy_left = not self.runtime.remove(self.proxy_id)
         if self.network_id is not None:
             # Removal failed while the run's container held it: it has gone by now.
             self.runtime.remove_network(self.network_id)
@@ -230,7 +234,7 @@ class RunNetwork:
             self.runtime.kill(self.proxy_id)
             if self._reader is not None:
                 self._reader.join(LOG_JOIN_SECONDS)
-            self.runtime.remove(self.proxy_id)
+            self._proxy_left = not self.runtime.remove(self.proxy_id)
         else:
             network.start()
         network.join()

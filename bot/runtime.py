@@ -467,8 +467,9 @@ class DockerRuntime:
         self.client.api.connect_container_to_network(container_id, network, aliases=[alias])
 
     def leave_network(self, container_id: str, network: str) -> None:
-        """Detach a container from `network`; one already gone or detached is no error."""
-        with contextlib.suppress(docker.errors.APIError):
+        """Detach a container from `network`; one already gone or detached is no error, nor an
+        engine that went away (its removal, tried next, says so and is tried again)."""
+        with contextlib.suppress(docker.errors.APIError, *ENGINE_UNREACHABLE):
             self.client.api.disconnect_container_from_network(container_id, network, force=True)
 
     def send_line(self, container_id: str, line: str) -> None:
@@ -592,7 +593,8 @@ class DockerRuntime:
                 written.append(target)
         return written
 
-    def remove(self, container_id: str) -> None:
+    def remove(self, container_id: str) -> bool:
+        """Remove a container; False when it may still exist (the reason is logged)."""
         try:
             self.client.api.remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
@@ -601,9 +603,12 @@ class DockerRuntime:
             # "removal already in progress" is fine; anything else is worth a line.
             if "already in progress" not in str(exc):
                 log.warning("could not remove container %s: %s", container_id[:12], exc)
+                return False
         except ENGINE_UNREACHABLE as exc:
             # The reaper removes it once the engine answers again: the run is finished by then.
             log.warning("could not remove container %s: %s", container_id[:12], exc)
+            return False
+        return True
 
     def exists(self, container_id: str) -> bool:
         try:

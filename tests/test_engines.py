@@ -163,15 +163,16 @@ def test_runs_spread_over_four_workers_on_two_engines_each_claimed_once(
         # Images are built where the run runs: the repository's image is on both engines; only
         # runs that started before their engine had it built it, every later one reused it.
         built = [
-            e
+            (engine_of[worker_pid(r.worker_id or "")], e)
             for r in runs
             for e in store.events(r.id, kinds=["image"])
             if (e.data or {}).get("built") is True
         ]
-        assert 2 <= len(built) <= slots * len(workers), [e.message for e in built]
-        for client in (docker_client, second_engine.client()):
-            for event in built:
-                client.images.get(str((event.data or {})["tag"]))
+        assert 2 <= len(built) <= slots * len(workers), [e.message for _, e in built]
+        assert {url for url, _ in built} == {MAIN_URL, second_engine.url}
+        clients = {MAIN_URL: docker_client, second_engine.url: second_engine.client()}
+        for url, event in built:  # on the engine of the run that built it
+            clients[url].images.get(str((event.data or {})["tag"]))
         # One host, one mirror cache: a single bare mirror of the repository for all four.
         assert len(list((data / "mirrors").glob("*.git"))) == 1
     finally:
