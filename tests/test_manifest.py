@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import browser  # noqa: F401
@@ -99,7 +100,7 @@ def test_the_app_is_created_from_the_page_and_the_next_start_uses_it(
             browser.get(url + "/")
             browser.find_element("id", "create").click()
             # The click returns before GitHub's round trip does: wait for the page it ends on.
-            WebDriverWait(browser, 30).until(
+            WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(
                 lambda b: "created" in b.find_element("tag name", "body").text
             )
             text = browser.find_element("tag name", "body").text

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.wait import WebDriverWait
 from werkzeug.serving import make_server
 
@@ -104,7 +105,7 @@ def test_sign_in_shows_readers_the_run_refuses_their_retry_and_hides_it_from_oth
     # A reader presses Retry: refused, and no run is queued.
     before = len(site.store.list_runs())
     browser.find_element("css selector", "button[name=retry]").click()
-    WebDriverWait(browser, 15).until(
+    WebDriverWait(browser, 15, ignored_exceptions=[StaleElementReferenceException]).until(
         lambda b: "permission" in b.find_element("tag name", "body").text
     )
     assert len(site.store.list_runs()) == before
@@ -119,7 +120,9 @@ def test_sign_in_shows_readers_the_run_refuses_their_retry_and_hides_it_from_oth
     _sign_in_as(browser, site, WRITER, page)
     browser.find_element("css selector", "button[name=retry]").click()
     # A click returns before the form's POST does: wait for the browser to land on the new page.
-    WebDriverWait(browser, 15).until(lambda b: b.current_url != site.url + page)
+    WebDriverWait(browser, 15, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda b: b.current_url != site.url + page
+    )
     runs = site.store.list_runs()
     assert len(runs) == before + 1 and runs[0].sender == WRITER
     assert browser.current_url == f"{site.url}/runs/{runs[0].id}"
