@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from bot.agents.transcript import Step
+from bot.agents.transcript import Step, json_event
 
 _EXIT = re.compile(r"Exit code (\d+)")
 _ACTIONS = {
@@ -24,13 +24,8 @@ class ClaudeCodeParser:
         self.calls: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def feed(self, line: str) -> list[Step] | None:
-        if not line.startswith("{"):
-            return None
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return None
-        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        event = json_event(line)
+        if event is None:
             return None
         kind = event["type"]
         if kind == "assistant":

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from typing import Any
 
-from bot.agents.transcript import Step, classify_command
+from bot.agents.transcript import Step, classify_command, json_event
 
 _WRAPPED = re.compile(r"^(?:/bin/|/usr/bin/)?(?:ba)?sh -l?c (.+)$", re.DOTALL)
 
 
 class CodexParser:
     def feed(self, line: str) -> list[Step] | None:
-        if not line.startswith("{"):
-            return None
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return None
-        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        event = json_event(line)
+        if event is None:
             return None
         kind = event["type"]
         if kind == "item.completed":

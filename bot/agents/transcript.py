@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +57,20 @@ class Parser(Protocol):
     """Turns a CLI's output lines into steps; a line that is not part of its stream gives None."""
 
     def feed(self, line: str) -> list[Step] | None: ...
+
+
+def json_event(line: str) -> dict[str, Any] | None:
+    """One JSON-lines event with a string `type` (Claude Code's and Codex's streams), or None for
+    a line that is not one (the CLI's other output)."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    return event
 
 
 def _one_line(text: str, limit: int = 300) -> str:
