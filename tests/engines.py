@@ -75,6 +75,14 @@ def _free_subnet(candidates: list[str]) -> ipaddress.IPv4Network:
     raise RuntimeError("no free subnet for a second Docker engine")
 
 
+def _bridges() -> set[str]:
+    """The names of this machine's bridge interfaces."""
+    out = subprocess.run(
+        ["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True, check=True
+    ).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+
+
 @dataclass
 class SideEngine:
     """A dockerd of the test's own; `url` is its DOCKER_HOST."""
@@ -86,6 +94,7 @@ class SideEngine:
     pool: ipaddress.IPv4Network = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    host_bridges: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.root = Path("/var/lib") / f"trimo-test-{self.name}"
@@ -118,10 +127,18 @@ class SideEngine:
         subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "exec").mkdir(parents=True, exist_ok=True)
+        self.host_bridges = _bridges() - {self.bridge}
         self._spawn()
         return self
 
     def _spawn(self) -> None:
+        # A dockerd with `--default-address-pool` that finds a stale default "bridge" network in
+        # its store deletes it and then the interface named docker0 (`removeDefaultBridgeInterface`
+        # in moby's configureNetworking), whatever `--bridge` says: that is the main engine's
+        # bridge. Every start therefore begins from an empty network store. Networks do not
+        # outlive a restart for Trimo anyway: a run's network goes with the run, the egress
+        # network is made again.
+        (self.root / "network" / "files" / "local-kv.db").unlink(missing_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -145,6 +162,11 @@ class SideEngine:
         )
         log.close()
         self.wait_ready()
+        gone = self.host_bridges - _bridges()
+        if gone:
+            raise RuntimeError(
+                f"dockerd {self.name} deleted the host's bridge(s) {sorted(gone)} as it started"
+            )
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_SECONDS
@@ -166,24 +188,40 @@ class SideEngine:
         tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
         raise RuntimeError(f"dockerd {self.name} did not come up:\n" + "\n".join(tail))
 
+    def _network_bridges(self) -> set[str]:
+        """The interfaces behind the engine's own bridge networks (not its default bridge)."""
+        names = set()
+        with contextlib.suppress(docker.errors.DockerException, OSError):
+            client = self.client(timeout=10)
+            try:
+                for net in client.networks.list(filters={"driver": "bridge"}):
+                    options = net.attrs.get("Options") or {}
+                    if net.name != "bridge":
+                        names.add(
+                            options.get("com.docker.network.bridge.name") or f"br-{net.id[:12]}"
+                        )
+            finally:
+                client.close()
+        return names
+
     def _terminate(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        # Each start begins from an empty network store (see _spawn), so the interfaces of the
+        # networks the engine has now would be left to nobody: they go with the process.
+        bridges = self._network_bridges()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        for name in bridges & _bridges():
+            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
     def restart(self) -> None:
         """What `systemctl restart docker` does: a clean stop (containers stopped), a start."""
         self._terminate()
-        # dockerd started with `--bridge` on a network store it kept deletes the host's docker0
-        # (the main engine's default bridge) as it clears its stale default network; starting
-        # from an empty network store leaves docker0 alone. Networks do not outlive a restart
-        # for Trimo anyway: the run's network goes with the run, the egress network is remade.
-        (self.root / "network" / "files" / "local-kv.db").unlink(missing_ok=True)
         self.restarts += 1
         self._spawn()
 
