@@ -4,14 +4,17 @@ PostgreSQL, and a run whose engine restarts under it."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from bot.engine import Engine, RunContext
@@ -119,13 +122,15 @@ def test_runs_spread_over_four_workers_on_two_engines_each_claimed_once(
 ) -> None:
     count, slots = 24, 2
     repo = tmp_path / "repo"
-    # A Dockerfile of the repository's own: each engine builds it for its runs, and reuses it.
+    # A Dockerfile of the repository's own, new to both engines (a name of this session alone,
+    # not the test's folder, which the next session has too): each engine builds it for its
+    # runs, and reuses it.
     make_repo(
         repo,
         {
             "README.md": "# r\n",
             ".trimo/config.yml": "network:\n  mode: none\n",
-            ".trimo/Dockerfile": f"FROM trimo/base:bookworm\nRUN echo {tmp_path.name} > /etc/r\n",
+            ".trimo/Dockerfile": f"FROM trimo/base:bookworm\nRUN echo {uuid.uuid4().hex} > /r\n",
         },
     )
     store = Store(postgres_url)
@@ -177,6 +182,17 @@ def test_runs_spread_over_four_workers_on_two_engines_each_claimed_once(
         assert len(list((data / "mirrors").glob("*.git"))) == 1
     finally:
         store.close()
+        _remove_images_of(runs, [docker_client, second_engine.client()])
+
+
+def _remove_images_of(runs: list[Run], clients: list[docker.DockerClient]) -> None:
+    """The repository images the runs used, on every engine that has them."""
+    tags = {r.image_tag for r in runs if r.image_tag}
+    for client in clients:
+        for tag in tags:
+            with contextlib.suppress(docker.errors.ImageNotFound, docker.errors.APIError):
+                # By id: the content-hash tag beside it goes too.
+                client.images.remove(client.images.get(tag).id, force=True)
 
 
 def test_a_worker_whose_engine_is_down_at_a_reaper_round_claims_runs_once_it_is_back(
