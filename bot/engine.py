@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import docker
 
@@ -40,7 +40,6 @@ from bot.errors import (
 )
 from bot.gateway.network import run_network
 from bot.gateway.policy import ModelPolicy
-from bot.gateway.sidecar import Gateway, GatewaySpec, start_gateway
 from bot.junit import TestReport, parse_junit
 from bot.leases import LeaseKeeper, LeaseTerms
 from bot.logs import about_run
@@ -78,6 +77,9 @@ from bot.secretscan import SecretInResult, refuse_secrets
 from bot.states import ACTIVE, RunMode, RunState
 from bot.store import Run, Store
 from bot.workspace import Checkout, PushDenied, Remote, Result, Workspace
+
+if TYPE_CHECKING:
+    from bot.gateway.sidecar import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -668,6 +670,10 @@ class Engine:
         run_spec: ContainerSpec,
         control: _Control,
     ) -> Gateway:
+        # Here, not at the top: only runs of an agent preset need the gateway (and aiohttp), and
+        # every `trimo` command imports this module.
+        from bot.gateway.sidecar import GatewaySpec, start_gateway
+
         usd = config.agent.budget.usd
         if self.models.daily_usd is not None:
             pipeline = self.store.get_pipeline(run.pipeline_id)
