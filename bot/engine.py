@@ -67,6 +67,7 @@ from bot.protocol import (
 )
 from bot.repoconfig import (
     AGENT_ADAPTER,
+    CONFIG_NAMES,
     DEFAULT_IMAGE_BUILD_TIMEOUT,
     RepoConfig,
     parse_repo_config,
@@ -582,6 +583,10 @@ class Engine:
         with tempfile.TemporaryDirectory(prefix="trimo-ctx-") as tmp:
             dest = Path(tmp) / CONFIG_DIR
             self.workspace.extract_dir(checkout, checkout.default_head, CONFIG_DIR, dest)
+            # Trimo's own configuration is not the image's: a new budget, timeout or network
+            # setting must not rebuild the image (and every agent layer on top of it).
+            for name in CONFIG_NAMES:
+                (dest / name).unlink(missing_ok=True)
             dockerfile = dest / config.image.dockerfile
             if not dockerfile.is_file():
                 self.store.add_event(

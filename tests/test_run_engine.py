@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from bot.runtime import LABEL_ROLE, LABEL_RUN, LABEL_STORE
@@ -358,6 +361,38 @@ def test_sample_agent_fixes_a_postgres_backed_test(
     assert kinds["image"] is not None and kinds["image"]["built"] is False
     assert kinds["mirror"] is not None and kinds["mirror"]["cloned"] is False
     assert kinds["branch"] is not None and kinds["branch"]["new"] is False  # builds on run 1
+
+
+def test_a_change_to_trimos_config_alone_does_not_rebuild_the_image(
+    trimo: Trimo, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    marker = uuid.uuid4().hex
+    repo = light_repo(
+        tmp_path / "repo",
+        "timeout: 5m\nnetwork:\n  mode: none\n",
+        {".trimo/Dockerfile": f"FROM trimo/base:bookworm\nRUN echo {marker} > /marker\n"},
+    )
+    first = trimo("run", "--repo", str(repo), "--task", "One", "--agent", "true")
+    assert first.returncode == 0, first.stdout[-3000:]
+    store = trimo.store()
+    run = store.list_runs()[0]
+    try:
+        [built] = [e.data for e in store.events(run.id, kinds=["image"])]
+        assert built is not None and built["built"] is True
+        # A new budget or timeout is the run's business, not the image's.
+        (repo / ".trimo" / "config.yml").write_text("timeout: 9m\nnetwork:\n  mode: none\n")
+        git(repo, "commit", "-qam", "A longer timeout")
+        again = trimo("run", "--repo", str(repo), "--task", "Two", "--agent", "true")
+        assert again.returncode == 0, again.stdout[-3000:]
+        second = store.list_runs()[0]
+        assert second.id != run.id
+        [reused] = [e.data for e in store.events(second.id, kinds=["image"])]
+        assert reused is not None and reused["built"] is False, again.stdout[-3000:]
+        assert second.image_tag == run.image_tag
+    finally:
+        if run.image_tag:
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(docker_client.images.get(run.image_tag).id, force=True)
 
 
 @pytest.fixture
