@@ -140,6 +140,8 @@ def test_a_long_image_build_is_not_judged_dead_by_a_worker_on_another_host(
 
 
 @pytest.mark.timeout(300)
+# Hosts share a PostgreSQL; the same rule on SQLite is shown by the kill test.
+@pytest.mark.parametrize("fleet", ["postgresql"], indirect=True)
 def test_a_frozen_worker_s_run_is_ended_by_another_host_and_it_publishes_nothing(
     fleet: tuple[Fleet, Store], tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
@@ -149,8 +151,6 @@ def test_a_frozen_worker_s_run_is_ended_by_another_host_and_it_publishes_nothing
     if not can_start_other_host():
         pytest.skip(NO_OTHER_HOST)
     workers, store = fleet
-    if store.dialect_name != "postgresql":
-        pytest.skip("hosts share a PostgreSQL; the same rule on SQLite is shown by the kill test")
     repo = tmp_path / "frozen"
     make_repo(repo, {"README.md": "# frozen\n"})
     pid = workers.start("frozen")
