@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -302,5 +303,39 @@ def test_a_sender_that_dies_after_github_took_a_create_posts_nothing_twice(
     assert heir.outbox.get(f"run:{run.id}:comment").github_id == comment["id"]  # type: ignore[union-attr]
     (check,) = fake.check_runs.values()
     assert check["status"] == "queued"
+    assert len(fake.requests_to("POST", r"/issues/1/comments$")) == 1
+    assert len(fake.requests_to("POST", r"/check-runs$")) == 1
+
+
+def test_a_write_github_is_slow_to_answer_keeps_its_lease_and_its_lane(
+    service: tuple[FakeGitHub, GitHubService],
+) -> None:
+    """A lease as short as a run's: renewed while GitHub takes its time, so no other sender
+    takes the report (or the lane behind it) and GitHub gets each create once; the lease
+    lapses only once its sender is gone (tests/fleet_github.py kills one mid-write)."""
+    fake, svc = service
+    store = svc.store
+    fake.add_issue(REPO, title="Work 1")
+    pipeline = _pipeline(store, PipelineKind.PULL, 1)
+    run = store.create_run(pipeline.id, trigger="label", task="t", sender="alice", head_sha=SHA)
+    slow = ReportSender(store, svc.send_client, "slow-worker", lease=timedelta(seconds=0.6))
+    deliver = slow._deliver
+
+    def slowly(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(2.0)  # more than three leases
+        return deliver(*args, **kwargs)
+
+    slow._deliver = slowly  # type: ignore[method-assign]
+    svc.sender = slow
+    sending = threading.Thread(target=svc.reports.queued, args=(run, 1))
+    sending.start()
+    other = ReportSender(store, svc.send_client, "other-worker", backoff=0.05)
+    taken: list[str] = []
+    while sending.is_alive():
+        taken += [e.report_id for e in other.send()]
+        time.sleep(0.1)
+    sending.join()
+    assert taken == []
+    assert slow.outbox.counts()[ReportState.PENDING] == 0
     assert len(fake.requests_to("POST", r"/issues/1/comments$")) == 1
     assert len(fake.requests_to("POST", r"/check-runs$")) == 1

@@ -35,9 +35,11 @@ from bot.store.outbox import Outbox, OutboxEntry, Report
 
 log = logging.getLogger(__name__)
 
-# Longer than one write can take (PyGithub's 15 s timeout, a write gate's pause): a sender that
-# died mid-send leaves its report to another after this.
-REPORT_LEASE = timedelta(seconds=120)
+# A report being sent is leased to its sender, which renews the lease every third of it for as
+# long as the write takes (PyGithub's 15 s timeout, a write gate's pause): a sender that died
+# mid-send leaves its report, and the lane behind it, to another once the lease lapsed. The
+# workers give it the length of their run leases (settings.lease_seconds).
+REPORT_LEASE = timedelta(seconds=30)
 BACKOFF_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 15 * 60.0
 POLL_SECONDS = 1.0
@@ -118,6 +120,10 @@ class ReportSender:
         self.max_backoff = max_backoff
         self.lease = lease
         self._wake = threading.Event()
+        # The reports this process is sending now, whose leases the renewer keeps.
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
         # Runs whose pull request the sender thread opened: their final report names it.
         self.pull_opened: Callable[[int], None] | None = None
 
@@ -144,8 +150,9 @@ class ReportSender:
         _SENDING.active = True
         try:
             while (entry := self.outbox.take(self.owner, self.lease, lane)) is not None:
-                if self._send_one(entry):
-                    done.append(entry)
+                with self._holding(entry):
+                    if self._send_one(entry):
+                        done.append(entry)
         finally:
             _SENDING.active = previous
         return done
@@ -170,6 +177,38 @@ class ReportSender:
                 wait = 5.0
             self._wake.wait(wait)
             self._wake.clear()
+
+    # ---- leases ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _holding(self, entry: OutboxEntry) -> Iterator[None]:
+        """Keep `entry`'s lease while the block sends it."""
+        with self._held_lock:
+            self._held.add(entry.id)
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=self._renew_forever, name="trimo-report-leases", daemon=True
+                )
+                self._renewer.start()
+        try:
+            yield
+        finally:
+            with self._held_lock:
+                self._held.discard(entry.id)
+
+    def _renew_forever(self) -> None:
+        every = self.lease.total_seconds() / 3
+        while True:
+            time.sleep(every)
+            with self._held_lock:
+                held = set(self._held)
+                if not held:
+                    self._renewer = None
+                    return
+            try:
+                self.outbox.renew(self.owner, held, self.lease)
+            except Exception:
+                log.warning("report leases could not be renewed; trying again", exc_info=True)
 
     # ---- one report -------------------------------------------------------------------------
 

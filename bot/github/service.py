@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from datetime import timedelta
 from typing import Any
 
 from bot.engine import RunContext
@@ -80,6 +81,8 @@ class GitHubService:
             worker_id(),
             backoff=settings.report_backoff_seconds,
             max_backoff=settings.report_max_backoff_seconds,
+            # A killed worker's report waits no longer for another than its runs do.
+            lease=timedelta(seconds=settings.lease_seconds),
         )
         self.sender.pull_opened = self.reports.refresh
 

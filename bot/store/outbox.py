@@ -251,6 +251,25 @@ class Outbox:
                     return _entry(s.get_one(OutboxRecord, candidate, populate_existing=True))
         return None
 
+    def renew(self, owner: str, ids: Iterable[int], lease: timedelta) -> int:
+        """Extend `owner`'s leases on these reports, which it is sending; returns how many it
+        still held."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self.store._write() as s:
+            result = s.execute(
+                update(OutboxRecord)
+                .where(
+                    OutboxRecord.id.in_(ids),
+                    OutboxRecord.lease_owner == owner,
+                    OutboxRecord.state == str(ReportState.PENDING),
+                )
+                .values(lease_until=utcnow() + lease)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
     def sent(self, entry: OutboxEntry, github_id: int | None, url: str | None = None) -> None:
         """GitHub took `entry`; a newer version stored meanwhile stays pending (it goes next)."""
         now = utcnow()
