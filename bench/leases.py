@@ -10,7 +10,15 @@ What it reports: runs lost (not ended, or ended without a reason), containers or
 and the time from the kill to the run's end against the lease length (the baseline: a dead
 worker's run cannot be judged before its lease lapses).
 
-    python bench/leases.py [--rounds 20] [--backend postgresql|sqlite] [--lease 2] [--seed N]
+With --github, each run is a GitHub App's: an issue labelled `trimo` through the webhook
+receiver, its reports going to the fake GitHub on a socket (tests/fleet_github.py), its next
+run a `/trimo retry`. A publish round then kills either in the push or while GitHub holds the
+pull request's or the check run's create of the run's end. After the rounds, once the outbox is
+empty, it reports per run what GitHub shows: one tracking comment, no duplicate check run, every
+check run completed, and no request the OpenAPI description rejects.
+
+    python bench/leases.py [--github] [--rounds 20] [--backend postgresql|sqlite] [--lease 2]
+                           [--seed N]
 
 PostgreSQL: a fresh database in the cluster named by TRIMO_TEST_POSTGRES_URL, dropped after.
 """
@@ -19,13 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import docker
 
@@ -39,12 +51,22 @@ from tests.conftest import empty_database  # noqa: E402
 from tests.fleet import (  # noqa: E402
     PHASES,
     Fleet,
+    Round,
     can_start_other_host,
     kill_round,
     leftovers,
     local_run,
     remove_everything_of,
     wait_until,
+)
+from tests.fleet_github import (  # noqa: E402
+    HELD_WRITES,
+    GitHub,
+    audit,
+    github_kill_round,
+    reports_settled,
+    retry_issue,
+    served_github,
 )
 
 
@@ -55,38 +77,59 @@ def main() -> int:
     parser.add_argument("--lease", type=float, default=2.0)
     parser.add_argument("--renew", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--github", action="store_true", help="GitHub App runs, not local ones")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     client = docker.from_env(timeout=600)
-    extra = Path(p) if (p := __import__("os").environ.get("TRIMO_EXTRA_CA_CERTS")) else None
+    extra = Path(p) if (p := os.environ.get("TRIMO_EXTRA_CA_CERTS")) else None
     ensure_base(client, extra_ca_certs=extra)
     other = can_start_other_host()
-    rounds = []
+    rounds: list[Round] = []
+    github_summary: dict[str, Any] = {}
+    problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="trimo-bench-leases-") as tmp:
         data = Path(tmp) / "data"
-        with empty_database(args.backend, data) as url:
+        with empty_database(args.backend, data) as url, ExitStack() as stack:
             store = Store(url)
-            fleet = Fleet(data, url, lease=args.lease, renew=args.renew)
+            github = stack.enter_context(served_github(data, url, store)) if args.github else None
+            fleet = Fleet(
+                data,
+                url,
+                lease=args.lease,
+                renew=args.renew,
+                settings=github.worker_env() if github else None,
+            )
             try:
                 fleet.start("here")
                 fleet.start("there", other_host=other)
                 for i in range(args.rounds):
                     phase = rng.choice(PHASES)
-                    r = kill_round(fleet, store, client, Path(tmp) / f"repo-{i}-{phase}", phase)
+                    work = Path(tmp) / f"repo-{i}-{phase}"
+                    if github is None:
+                        r = kill_round(fleet, store, client, work, phase)
+                    else:
+                        held = rng.choice([None, *HELD_WRITES]) if phase == "publish" else None
+                        r = github_kill_round(fleet, store, client, github, work, phase, held)
                     rounds.append(r)
                     print(
-                        f"round {i + 1:2}: {phase:8} killed {r.victim:5} in {r.state_at_kill:10}"
-                        f" → {r.final_state:9} after {r.seconds_to_end:5.1f} s,"
-                        f" clean after {r.seconds_to_clean:5.1f} s",
+                        f"round {i + 1:2}: {r.phase:22} killed {r.victim:5} in"
+                        f" {r.state_at_kill:10} → {r.final_state:9} after"
+                        f" {r.seconds_to_end:5.1f} s, clean after {r.seconds_to_clean:5.1f} s"
+                        + (f", reported after {r.seconds_to_reported:5.1f} s" if github else ""),
                         flush=True,
                     )
                 # Every pipeline a killed run left takes its next run.
                 started = time.monotonic()
-                nexts = [
-                    local_run(store, Path(tmp) / f"repo-{i}-{r.phase}", "echo again > again.txt")
-                    for i, r in enumerate(rounds)
-                ]
+                if github is None:
+                    nexts = [
+                        local_run(store, Path(tmp) / f"repo-{i}-{r.phase}", "echo again > a.txt")
+                        for i, r in enumerate(rounds)
+                    ]
+                else:
+                    nexts = [
+                        retry_issue(github, store, r.repo, r.number, after=r.run_id) for r in rounds
+                    ]
                 finals = [
                     wait_until(
                         f"run {n.id} ended",
@@ -100,6 +143,9 @@ def main() -> int:
                 next_seconds = time.monotonic() - started
                 left = [x for n in nexts for x in leftovers(client, store, n.id)]
                 left += [x for r in rounds for x in leftovers(client, store, r.run_id)]
+                if github is not None:
+                    run_ids = [r.run_id for r in rounds] + [n.id for n in nexts]
+                    github_summary, problems = _github_audit(github, store, run_ids, started)
             finally:
                 fleet.close()
                 remove_everything_of(client, store)
@@ -110,9 +156,10 @@ def main() -> int:
     summary = {
         "seed": seed,
         "backend": args.backend,
+        "mode": "github" if args.github else "local",
         "other_host": other,
         "rounds": len(rounds),
-        "phases": {p: sum(1 for r in rounds if r.phase == p) for p in PHASES},
+        "phases": dict(Counter(r.phase for r in rounds)),
         "states_at_kill": sorted({r.state_at_kill for r in rounds}),
         "ended_error_with_reason": sum(1 for r in rounds if r.final_state == "error" and r.reason),
         "ended_succeeded": sum(1 for r in rounds if r.final_state == "succeeded"),
@@ -126,12 +173,49 @@ def main() -> int:
         "kill_to_clean_max_s": round(max(cleans), 2),
         "next_runs_succeeded": f"{next_ok}/{len(finals)} in {next_seconds:.0f} s",
         "reaped_by_other_host": sum(1 for r in rounds if not r.victim_other_host and other),
+        **github_summary,
     }
+    if args.github:
+        reported = [r.seconds_to_reported for r in rounds]
+        summary["kill_to_reported_median_s"] = round(statistics.median(reported), 2)
+        summary["kill_to_reported_max_s"] = round(max(reported), 2)
     print(json.dumps(summary, indent=2))
-    if lost or left or next_ok != len(finals):
+    if lost or left or next_ok != len(finals) or problems:
         print(json.dumps([asdict(r) for r in lost], indent=2))
+        print("\n".join(problems))
         return 1
     return 0
+
+
+def _github_audit(
+    github: GitHub, store: Store, run_ids: list[int], started: float
+) -> tuple[dict[str, Any], list[str]]:
+    """Once every report went out: what GitHub shows of each run, and what is wrong with it."""
+    problems: list[str] = []
+    try:
+        wait_until("every report sent", lambda: reports_settled(store, run_ids), 300, 0.5)
+    except AssertionError as exc:
+        problems.append(str(exc))
+    settled = time.monotonic() - started
+    found = audit(github, store, run_ids)
+    for run_id, shown in found.runs.items():
+        print(
+            f"run {run_id:3} {shown['repo']:24} {shown['state']:9}"
+            f" tracking comments {shown['tracking_comments']}"
+            f" check runs {', '.join(shown['check_runs']) or '-'}"
+        )
+    checks = [c for shown in found.runs.values() for c in shown["check_runs"]]
+    summary = {
+        "github_runs": len(found.runs),
+        "tracking_comments_per_run": sorted({s["tracking_comments"] for s in found.runs.values()}),
+        "check_runs": len(checks),
+        "check_runs_completed": sum(1 for c in checks if c.startswith("completed/")),
+        "pull_requests": len(github.fake.pulls),
+        "spec_violations": len(github.fake.violations),
+        "reports_settled_after_s": round(settled, 1),
+        "github_problems": found.problems,
+    }
+    return summary, problems + found.problems
 
 
 if __name__ == "__main__":

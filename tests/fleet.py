@@ -65,9 +65,17 @@ class Fleet:
     """`trimo worker` processes sharing one data directory and database."""
 
     def __init__(
-        self, data_dir: Path, database_url: str, *, lease: float = 2.0, renew: float = 0.4
+        self,
+        data_dir: Path,
+        database_url: str,
+        *,
+        lease: float = 2.0,
+        renew: float = 0.4,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # More TRIMO_* settings of every worker (a GitHub App's: tests/fleet_github.py).
+        self.settings = settings or {}
         self.database_url = database_url
         self.lease = lease
         self.renew = renew
@@ -90,6 +98,7 @@ class Fleet:
                 "TRIMO_WORKERS": "1",
                 "TRIMO_LEASE_SECONDS": str(self.lease),
                 "TRIMO_LEASE_RENEW_SECONDS": str(self.renew),
+                **self.settings,
             }
         )
         return env
@@ -239,6 +248,11 @@ class Round:
     reason: str
     seconds_to_end: float  # from the kill to the run's final state
     seconds_to_clean: float  # from the kill to no container or network of the run left
+    # A GitHub run's (tests/fleet_github.py): its repository and issue, and the time from the
+    # kill to GitHub having taken every report of the run.
+    repo: str = ""
+    number: int = 0
+    seconds_to_reported: float = 0.0
 
 
 def kill_round(
