@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bot.images import ensure_base  # noqa: E402
 from bot.states import RunState  # noqa: E402
-from bot.store import Store  # noqa: E402
+from bot.store import Run, Store  # noqa: E402
 from tests.conftest import empty_database  # noqa: E402
 from tests.fleet import (  # noqa: E402
     PHASES,
@@ -86,6 +87,7 @@ def main() -> int:
     ensure_base(client, extra_ca_certs=extra)
     other = can_start_other_host()
     rounds: list[Round] = []
+    kept: Path | None = None
     github_summary: dict[str, Any] = {}
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="trimo-bench-leases-") as tmp:
@@ -121,31 +123,50 @@ def main() -> int:
                     )
                 # Every pipeline a killed run left takes its next run.
                 started = time.monotonic()
-                if github is None:
-                    nexts = [
-                        local_run(store, Path(tmp) / f"repo-{i}-{r.phase}", "echo again > a.txt")
-                        for i, r in enumerate(rounds)
+                nexts: list[Run] = []
+                finals: list[Run] = []
+                # A GitHub run's retry comes with a delivery to process and its answers: queued
+                # two at a time (the fleet's run slots), not twenty at once.
+                batch = len(rounds) if github is None else len(fleet.procs)
+                for first in range(0, len(rounds), batch):
+                    some = list(enumerate(rounds))[first : first + batch]
+                    if github is None:
+                        queued = [
+                            local_run(store, Path(tmp) / f"repo-{i}-{r.phase}", "echo a > a.txt")
+                            for i, r in some
+                        ]
+                    else:
+                        queued = [
+                            retry_issue(github, store, r.repo, r.number, after=r.run_id)
+                            for _, r in some
+                        ]
+                    nexts += queued
+                    finals += [
+                        wait_until(
+                            f"run {n.id} ended",
+                            lambda n=n: (x := store.get_run(n.id)).finished and x,  # type: ignore[misc]
+                            300,
+                            0.2,
+                        )
+                        for n in queued
                     ]
-                else:
-                    nexts = [
-                        retry_issue(github, store, r.repo, r.number, after=r.run_id) for r in rounds
-                    ]
-                finals = [
-                    wait_until(
-                        f"run {n.id} ended",
-                        lambda n=n: (x := store.get_run(n.id)).finished and x,  # type: ignore[misc]
-                        300,
-                        0.2,
-                    )
-                    for n in nexts
-                ]
                 next_ok = sum(1 for f in finals if f.state == RunState.SUCCEEDED)
+                for f in finals:
+                    if f.state != RunState.SUCCEEDED:
+                        problems.append(f"next run {f.id} ended {f.state.value}: {f.reason}")
+                        problems += [f"  {e.kind}: {e.message}" for e in store.events(f.id)[-8:]]
                 next_seconds = time.monotonic() - started
                 left = [x for n in nexts for x in leftovers(client, store, n.id)]
                 left += [x for r in rounds for x in leftovers(client, store, r.run_id)]
                 if github is not None:
                     run_ids = [r.run_id for r in rounds] + [n.id for n in nexts]
-                    github_summary, problems = _github_audit(github, store, run_ids, started)
+                    github_summary, found = _github_audit(github, store, run_ids, started)
+                    problems += found
+                if problems:
+                    kept = _keep_logs(fleet, seed)
+            except BaseException:
+                _keep_logs(fleet, seed)
+                raise
             finally:
                 fleet.close()
                 remove_everything_of(client, store)
@@ -182,9 +203,18 @@ def main() -> int:
     print(json.dumps(summary, indent=2))
     if lost or left or next_ok != len(finals) or problems:
         print(json.dumps([asdict(r) for r in lost], indent=2))
+        print(f"workers' logs: {kept}")
         print("\n".join(problems))
         return 1
     return 0
+
+
+def _keep_logs(fleet: Fleet, seed: int) -> Path:
+    """The workers' logs, kept past the temporary directory for a person to read."""
+    kept = Path(tempfile.gettempdir()) / f"trimo-bench-leases-logs-{seed}"
+    shutil.copytree(fleet.logs, kept, dirs_exist_ok=True)
+    print(f"workers' logs kept in {kept}", file=sys.stderr)
+    return kept
 
 
 def _github_audit(

@@ -295,7 +295,10 @@ def github_kill_round(
         0.2,
     )
     seconds_to_clean = time.monotonic() - killed
-    wait_until(f"run {run.id}'s reports sent", lambda: reports_settled(store, [run.id]), bound, 0.1)
+    try:
+        wait_until(f"run {run.id}'s reports", lambda: reports_settled(store, [run.id]), bound, 0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; its outbox: {outbox_of(store, run.id)}") from None
     seconds_to_reported = time.monotonic() - killed
     fleet.start(victim, other_host=fleet.other_host[victim])
     return Round(
@@ -325,6 +328,14 @@ def reports_settled(store: Store, run_ids: list[int]) -> bool:
         if outbox.entries(run_id=run_id, states=[ReportState.PENDING]):
             return False
     return True
+
+
+def outbox_of(store: Store, run_id: int) -> list[str]:
+    """What the outbox holds of a run, for a person to see why its reports did not go."""
+    return [
+        f"{e.report_id} {e.state} attempts={e.attempts} next at {e.next_attempt_at}: {e.last_error}"
+        for e in Outbox(store).entries(run_id=run_id)
+    ]
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Worker processes that die, freeze or build for long, on one engine and one store: every run
 ends with a reason or succeeds, nothing of it is left on the engine after the lease period,
-and a live worker's run is never judged dead, whatever phase it is in."""
+and a live worker's run is never judged dead, whatever phase it is in. A GitHub run's worker
+killed while its reports go out leaves GitHub one tracking comment, one check run of each
+kind, each completed."""
 
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ from tests.fleet import (
     local_run,
     remove_everything_of,
     wait_until,
+)
+from tests.fleet_github import (
+    HELD_WRITES,
+    audit,
+    github_kill_round,
+    reports_settled,
+    retry_issue,
+    served_github,
 )
 
 pytestmark = pytest.mark.docker
@@ -90,6 +100,58 @@ def test_a_worker_killed_in_any_phase_loses_no_run_and_leaves_nothing(
     final = wait_until("the next run ended", lambda: _finished(store, again.id), 120, 0.2)
     assert final.state == RunState.SUCCEEDED, final.reason
     assert leftovers(docker_client, store, again.id) == []
+
+
+# A kill before the run's end, and one while GitHub holds a write of it (bench/leases.py
+# --github: 20 rounds at random phases).
+GITHUB_ROUNDS_OF = {
+    "sqlite": (("agent", None), ("publish", HELD_WRITES[1])),
+    "postgresql": (("prepare", None), ("publish", HELD_WRITES[0])),
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_github_run_s_killed_worker_posts_nothing_twice_and_leaves_no_check_run_open(
+    backend: str, tmp_path: Path, base_image: str, docker_client: docker.DockerClient
+) -> None:
+    data = tmp_path / "data"
+    with empty_database(backend, data) as url:
+        store = Store(url)
+        with served_github(data, url, store) as github:
+            workers = Fleet(data, url, settings=github.worker_env())
+            try:
+                workers.start("here")
+                workers.start("there", other_host=can_start_other_host())
+                rounds = [
+                    github_kill_round(
+                        workers, store, docker_client, github, tmp_path / f"r-{phase}", phase, held
+                    )
+                    for phase, held in GITHUB_ROUNDS_OF[backend]
+                ]
+                for r in rounds:
+                    assert (r.final_state == "error" and WORKER_DIED in r.reason) or (
+                        r.final_state == "succeeded"
+                    ), r
+                    # Its end reached GitHub within the lease and a few rounds of the sender.
+                    assert r.seconds_to_reported < workers.lease * 3 + 15, r
+                # The held create reached GitHub once, though its sender died before the answer.
+                method, path = rounds[-1].phase.split(":", 1)[1].split(" ")
+                sent = github.fake.requests_to(method, rf"/repos/{rounds[-1].repo}/{path}$")
+                assert len(sent) == 1, sent
+                nexts = [retry_issue(github, store, r.repo, r.number, r.run_id) for r in rounds]
+                for n in nexts:
+                    final = wait_until("the next run", lambda n=n: _finished(store, n.id), 120)
+                    assert final.state == RunState.SUCCEEDED, final.reason
+                run_ids = [r.run_id for r in rounds] + [n.id for n in nexts]
+                wait_until("every report sent", lambda: reports_settled(store, run_ids), 60, 0.2)
+                found = audit(github, store, run_ids)
+                assert found.problems == []
+                assert [s["tracking_comments"] for s in found.runs.values()] == [1] * len(run_ids)
+            finally:
+                workers.close()
+                remove_everything_of(docker_client, store)
+                store.close()
 
 
 @pytest.mark.timeout(300)
