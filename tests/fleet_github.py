@@ -269,7 +269,17 @@ def github_kill_round(
     hold = github.gate.hold(held[0], rf"/repos/{repo}{held[1][:-1]}$") if held else None
     number, run = label_issue(github, store, repo, f"Round {token}")
     if hold is not None:
-        wait_until(f"run {run.id}'s {held} under way", hold.arrived.is_set, 120, 0.02)
+        wait_until(
+            f"run {run.id}'s {held} under way",
+            lambda: hold.arrived.is_set() or store.get_run(run.id).finished,
+            120,
+            0.02,
+        )
+        if not hold.arrived.is_set():
+            ended = store.get_run(run.id)
+            raise AssertionError(
+                f"run {run.id} ended {ended.state.value} before it: {ended.reason}"
+            )
         owner = store.get_run(run.id).worker_id
         victim = next((n for n, p in fleet.procs.items() if owner and f":{p.pid}:" in owner), None)
     else:
