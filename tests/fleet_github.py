@@ -271,14 +271,16 @@ def github_kill_round(
     if hold is not None:
         wait_until(
             f"run {run.id}'s {held} under way",
-            lambda: hold.arrived.is_set() or store.get_run(run.id).finished,
+            # The run ends before its end's reports go: only all of them sent says it is missed.
+            lambda: hold.arrived.is_set() or reports_settled(store, [run.id]),
             120,
             0.02,
         )
         if not hold.arrived.is_set():
             ended = store.get_run(run.id)
             raise AssertionError(
-                f"run {run.id} ended {ended.state.value} before it: {ended.reason}"
+                f"run {run.id} ended {ended.state.value} ({ended.reason}) and reported without"
+                f" {held}: {outbox_of(store, run.id)}"
             )
         owner = store.get_run(run.id).worker_id
         victim = next((n for n, p in fleet.procs.items() if owner and f":{p.pid}:" in owner), None)
