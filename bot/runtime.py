@@ -48,6 +48,8 @@ ROLE_SPARE = "spare-proxy"
 SPARE_PREFIX = "trimo-spare-proxy-"
 # A spare nobody claimed for this long is removed by the reaper (a later run starts another).
 SPARE_MAX_AGE_SECONDS = 3600
+# How long the reaper gives a run that unpaused a spare to rename it before judging the spare.
+SPARE_RENAME_SECONDS = 1.0
 # The one non-internal network of an engine: proxies reach the internet through it, runs never.
 EGRESS_NETWORK = "trimo-egress"
 LABEL_EGRESS = "trimo.egress"
@@ -673,8 +675,8 @@ class DockerRuntime:
             spare = Leftover(str(c["Id"]), None, maker, state, kind="spare proxy", name=name)
             if name.startswith(SPARE_PREFIX):
                 too_old = now - int(c.get("Created", 0)) > SPARE_MAX_AGE_SECONDS
-                # Not paused and its maker gone: its start was cut short (a claim that comes
-                # upon it this moment fails its rename and starts a proxy of its own).
+                # Not paused and its maker gone: its start was cut short, or a run unpaused it
+                # this instant (reap tells the two apart: _taken_for_removal).
                 cut_short = state != "paused" and is_dead(spare)
                 if too_old or cut_short or state in ("exited", "dead"):
                     found.append(spare)
@@ -687,6 +689,40 @@ class DockerRuntime:
                 found.append(spare)
         return found
 
+    def _taken_for_removal(self, spares: list[Leftover]) -> list[Leftover]:
+        """The dead spares the reaper may remove: never one a run is taking at this moment.
+
+        A run takes a paused spare by unpausing it (one caller wins) and then renames it after
+        its network. The reaper takes an unclaimed paused spare the same way, so a run and the
+        reaper never both win it. A spare running under a spare's name is either one whose
+        maker died before pausing it, or one a run unpaused an instant ago and is renaming: it
+        goes only if it still has that name a moment later (a run's rename is one call; a run
+        that was slower finds it gone, and starts a proxy of its own).
+        """
+        taken, unsure = [], []
+        for spare in spares:
+            if not spare.name.startswith(SPARE_PREFIX) or spare.status in ("exited", "dead"):
+                taken.append(spare)  # a claimed one is judged by its run; a stopped one by nobody
+            elif spare.status == "paused":
+                try:
+                    self.client.api.unpause(spare.container_id)
+                except docker.errors.APIError:
+                    continue  # a run took it first
+                taken.append(spare)
+            else:
+                unsure.append(spare)
+        if unsure:
+            time.sleep(SPARE_RENAME_SECONDS)
+        for spare in unsure:
+            try:
+                seen = self.client.api.inspect_container(spare.container_id)
+            except docker.errors.NotFound:
+                continue
+            name = str(seen.get("Name", "")).lstrip("/")
+            if name.startswith(SPARE_PREFIX) and not (seen.get("State") or {}).get("Paused"):
+                taken.append(spare)
+        return taken
+
     def reap(self, store: str, is_dead: Callable[[Leftover], bool]) -> list[Leftover]:
         """Remove every container, then network, of `store` whose run `is_dead` says is over."""
         removed = []
@@ -694,7 +730,7 @@ class DockerRuntime:
             if is_dead(leftover):
                 self.remove(leftover.container_id)
                 removed.append(leftover)
-        for leftover in self.dead_spares(store, is_dead):
+        for leftover in self._taken_for_removal(self.dead_spares(store, is_dead)):
             self.remove(leftover.container_id)
             removed.append(leftover)
         # Containers first: a network with a container attached cannot go.

@@ -13,6 +13,7 @@ import io
 import json
 import re
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,8 +33,10 @@ from bot.runtime import (
     LABEL_STORE,
     ROLE_SPARE,
     RUN_CAPABILITIES,
+    SPARE_RENAME_SECONDS,
     ContainerSpec,
     DockerRuntime,
+    Leftover,
 )
 from bot.states import RunState
 from tests.containers import TEST_OWNER
@@ -430,6 +433,47 @@ def test_a_run_takes_the_spare_proxy_an_earlier_run_started_with_its_own_policy(
     assert f"Trimo's network policy refused GET {file_server}:8080" in third.stdout
     assert f"network: blocked GET {file_server}:8080" in third.stdout
     assert connections(docker_client, file_server) == 2  # the second run's, and one question
+
+
+def test_the_reaper_never_removes_a_spare_a_run_is_taking(
+    docker_client: docker.DockerClient, runtime: DockerRuntime, base_image: str
+) -> None:
+    """A spare whose maker is dead is the reaper's, unless a run unpaused it a moment ago and is
+    renaming it; and the reaper takes a paused spare by the same unpause a run does."""
+    image = ensure_proxy_image(docker_client)
+    store = f"test-spares-{uuid.uuid4().hex[:8]}"
+    dead_maker = f"{TEST_OWNER}-gone"
+    claimed, cut_short, paused = (
+        runtime.start_spare_proxy(image, dead_maker, store) for _ in range(3)
+    )
+    try:
+        # A run unpauses one (its claim) and renames it while the reaper is judging it.
+        docker_client.api.unpause(claimed)
+        # A maker died before pausing this one: it runs under a spare's name, and no run will
+        # ever unpause it.
+        docker_client.api.unpause(cut_short)
+        found: list[list[Leftover]] = []
+        reaper = threading.Thread(
+            target=lambda: found.append(runtime.reap(store, lambda lo: lo.owner == dead_maker))
+        )
+        reaper.start()
+        time.sleep(SPARE_RENAME_SECONDS / 4)
+        docker_client.api.rename(claimed, f"trimo-test-run-{uuid.uuid4().hex[:8]}-proxy")
+        reaper.join(timeout=60)
+        [removed] = found
+        gone = {r.container_id for r in removed}
+        # The renamed one's network does not exist, so the next round takes it: not this one.
+        assert claimed not in gone
+        assert docker_client.containers.get(claimed).status == "running"
+        assert cut_short in gone
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(cut_short)
+        # A paused spare of a dead maker stays for a run to take.
+        assert paused not in gone
+        assert docker_client.containers.get(paused).status == "paused"
+    finally:
+        for cid in (claimed, cut_short, paused):
+            runtime.remove(cid)
 
 
 def test_the_reaper_removes_spares_nobody_takes_and_those_of_finished_runs(
