@@ -129,6 +129,8 @@ class App:
                 run = self.store.get_run(run_id)
                 if run.finished:
                     self.wait_reported(run_id)
+                    # Shown with a failing assertion on the state: why it ended so.
+                    print(f"run {run_id} ended {run.state}: {run.reason} ({run.error})")
                     return run.state
             except Exception:  # noqa: BLE001 - not there yet
                 pass
