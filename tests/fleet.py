@@ -255,6 +255,33 @@ class Round:
     seconds_to_reported: float = 0.0
 
 
+def kill_bound(fleet: Fleet) -> float:
+    """How long a killed worker's run may take to end, or to be gone from the engine."""
+    return fleet.lease * 3 + 30
+
+
+def wait_ended_and_clean(
+    fleet: Fleet, store: Store, client: docker.DockerClient, run_id: int, killed: float
+) -> tuple[Run, float, float]:
+    """The run's end once its worker was killed at `killed` (monotonic), the seconds from the
+    kill to that end, and to no container or network of the run left; bounded."""
+    bound = kill_bound(fleet)
+
+    def ended() -> Run | None:
+        now = store.get_run(run_id)
+        return now if now.finished else None
+
+    final = wait_until(f"run {run_id} ended", ended, bound, 0.1)
+    seconds_to_end = time.monotonic() - killed
+    wait_until(
+        f"run {run_id}'s containers and networks gone",
+        lambda: not leftovers(client, store, run_id),
+        bound,
+        0.2,
+    )
+    return final, seconds_to_end, time.monotonic() - killed
+
+
 def kill_round(
     fleet: Fleet, store: Store, client: docker.DockerClient, repo_path: Path, phase: str
 ) -> Round:
@@ -271,21 +298,9 @@ def kill_round(
     fleet.kill(victim)
     killed = time.monotonic()
     at_kill = store.get_run(run.id).state.value
-    bound = fleet.lease * 3 + 30
-
-    def ended() -> Run | None:
-        now = store.get_run(run.id)
-        return now if now.finished else None
-
-    final = wait_until(f"run {run.id} ended", ended, bound, 0.1)
-    seconds_to_end = time.monotonic() - killed
-    wait_until(
-        f"run {run.id}'s containers and networks gone",
-        lambda: not leftovers(client, store, run.id),
-        bound,
-        0.2,
+    final, seconds_to_end, seconds_to_clean = wait_ended_and_clean(
+        fleet, store, client, run.id, killed
     )
-    seconds_to_clean = time.monotonic() - killed
     fleet.start(victim, other_host=fleet.other_host[victim])
     return Round(
         phase=phase,

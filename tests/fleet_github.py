@@ -43,7 +43,15 @@ from bot.store import Run, Store
 from bot.store.outbox import Outbox, ReportState
 from tests.conftest import GITHUB_FIXTURES
 from tests.containers import git
-from tests.fleet import Fleet, Round, in_phase, leftovers, phase_repo, wait_until
+from tests.fleet import (
+    Fleet,
+    Round,
+    in_phase,
+    kill_bound,
+    phase_repo,
+    wait_ended_and_clean,
+    wait_until,
+)
 from tests.github_fake import FakeGitHub
 
 OWNER = "octo"
@@ -295,18 +303,10 @@ def github_kill_round(
     if hold is not None:
         hold.released.set()  # GitHub does it; the answer goes to a dead worker
     at_kill = store.get_run(run.id).state.value
-    bound = fleet.lease * 3 + 30
-    final = wait_until(
-        f"run {run.id} ended", lambda: (r := store.get_run(run.id)).finished and r, bound, 0.1
+    bound = kill_bound(fleet)
+    final, seconds_to_end, seconds_to_clean = wait_ended_and_clean(
+        fleet, store, client, run.id, killed
     )
-    seconds_to_end = time.monotonic() - killed
-    wait_until(
-        f"run {run.id}'s containers and networks gone",
-        lambda: not leftovers(client, store, run.id),
-        bound,
-        0.2,
-    )
-    seconds_to_clean = time.monotonic() - killed
     try:
         wait_until(f"run {run.id}'s reports", lambda: reports_settled(store, [run.id]), bound, 0.1)
     except AssertionError as exc:
