@@ -260,12 +260,20 @@ def kill_bound(fleet: Fleet) -> float:
     return fleet.lease * 3 + 30
 
 
-def wait_ended_and_clean(
-    fleet: Fleet, store: Store, client: docker.DockerClient, run_id: int, killed: float
-) -> tuple[Run, float, float]:
-    """The run's end once its worker was killed at `killed` (monotonic), the seconds from the
-    kill to that end, and to no container or network of the run left; bounded."""
+def killed_round(
+    fleet: Fleet,
+    store: Store,
+    client: docker.DockerClient,
+    *,
+    phase: str,
+    run_id: int,
+    victim: str,
+    killed: float,
+) -> Round:
+    """The round of a run whose worker `victim` was killed at `killed` (monotonic), once the
+    run has ended and no container or network of it is left; bounded."""
     bound = kill_bound(fleet)
+    at_kill = store.get_run(run_id).state.value
 
     def ended() -> Run | None:
         now = store.get_run(run_id)
@@ -279,7 +287,17 @@ def wait_ended_and_clean(
         bound,
         0.2,
     )
-    return final, seconds_to_end, time.monotonic() - killed
+    return Round(
+        phase=phase,
+        run_id=run_id,
+        state_at_kill=at_kill,
+        victim=victim,
+        victim_other_host=fleet.other_host[victim],
+        final_state=final.state.value,
+        reason=final.reason or "",
+        seconds_to_end=seconds_to_end,
+        seconds_to_clean=time.monotonic() - killed,
+    )
 
 
 def kill_round(
@@ -297,19 +315,8 @@ def kill_round(
     assert victim is not None, f"run {run.id} is held by {held.worker_id}, none of ours"
     fleet.kill(victim)
     killed = time.monotonic()
-    at_kill = store.get_run(run.id).state.value
-    final, seconds_to_end, seconds_to_clean = wait_ended_and_clean(
-        fleet, store, client, run.id, killed
+    ended = killed_round(
+        fleet, store, client, phase=phase, run_id=run.id, victim=victim, killed=killed
     )
     fleet.start(victim, other_host=fleet.other_host[victim])
-    return Round(
-        phase=phase,
-        run_id=run.id,
-        state_at_kill=at_kill,
-        victim=victim,
-        victim_other_host=fleet.other_host[victim],
-        final_state=final.state.value,
-        reason=final.reason or "",
-        seconds_to_end=seconds_to_end,
-        seconds_to_clean=seconds_to_clean,
-    )
+    return ended

@@ -17,6 +17,7 @@ OpenAPI description rejects.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -48,8 +49,8 @@ from tests.fleet import (
     Round,
     in_phase,
     kill_bound,
+    killed_round,
     phase_repo,
-    wait_ended_and_clean,
     wait_until,
 )
 from tests.github_fake import FakeGitHub
@@ -302,30 +303,24 @@ def github_kill_round(
     killed = time.monotonic()
     if hold is not None:
         hold.released.set()  # GitHub does it; the answer goes to a dead worker
-    at_kill = store.get_run(run.id).state.value
-    bound = kill_bound(fleet)
-    final, seconds_to_end, seconds_to_clean = wait_ended_and_clean(
-        fleet, store, client, run.id, killed
+    ended = killed_round(
+        fleet,
+        store,
+        client,
+        phase=phase if hold is None else f"{phase}:{held[0]} {held[1].strip('/$')}",
+        run_id=run.id,
+        victim=victim,
+        killed=killed,
     )
+    bound = kill_bound(fleet)
     try:
         wait_until(f"run {run.id}'s reports", lambda: reports_settled(store, [run.id]), bound, 0.1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; its outbox: {outbox_of(store, run.id)}") from None
     seconds_to_reported = time.monotonic() - killed
     fleet.start(victim, other_host=fleet.other_host[victim])
-    return Round(
-        phase=phase if hold is None else f"{phase}:{held[0]} {held[1].strip('/$')}",
-        run_id=run.id,
-        state_at_kill=at_kill,
-        victim=victim,
-        victim_other_host=fleet.other_host[victim],
-        final_state=final.state.value,
-        reason=final.reason or "",
-        seconds_to_end=seconds_to_end,
-        seconds_to_clean=seconds_to_clean,
-        repo=repo,
-        number=number,
-        seconds_to_reported=seconds_to_reported,
+    return dataclasses.replace(
+        ended, repo=repo, number=number, seconds_to_reported=seconds_to_reported
     )
 
 
