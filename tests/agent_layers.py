@@ -28,6 +28,7 @@ from bot.gateway.sidecar import gateway_image
 from bot.runtime import DockerRuntime
 from bot.sample import make_sample_repo
 from tests.containers import git
+from tests.locks import engine_key, machine_lock
 
 # One configuration for every preset (the preset is the run's `--agent`): the repository image,
 # whose context holds this file, is then built once, and each agent layer once on top of it.
@@ -37,9 +38,6 @@ CONFIG = """test:
 network: none
 {extra}"""
 
-# The base is built once, by whoever comes first: this module's thread or the `base_image`
-# fixture of the first test that needs it.
-BASE_LOCK = threading.Lock()
 WAIT_SECONDS = 1500.0
 
 
@@ -49,8 +47,12 @@ def extra_ca_certs() -> Path | None:
 
 
 def ensure_test_base(client: docker.DockerClient) -> str:
-    """trimo/base:bookworm with the extra CA certificates `trimo run` would add, built once."""
-    with BASE_LOCK:
+    """trimo/base:bookworm with the extra CA certificates `trimo run` would add, built once.
+
+    By whoever comes first (this module's thread or the `base_image` fixture of the first test
+    that needs it, in any of the session's processes); the others find it up to date.
+    """
+    with machine_lock(f"base-{engine_key()}"):
         return images.ensure_base(client, extra_ca_certs=extra_ca_certs()).tag
 
 
@@ -78,22 +80,28 @@ class Prebuild:
     def _build(self) -> None:
         started = time.monotonic()
         try:
-            client = docker.from_env(timeout=600)
-            try:
-                ensure_test_base(client)
-                gateway_image(DockerRuntime(client), extra_ca_certs=extra_ca_certs())
-                with tempfile.TemporaryDirectory(prefix="trimo-agent-layers-") as tmp:
-                    repo = sample(Path(tmp) / "repo")
-                    project = images.build_image(
-                        client, repo / ".trimo", dockerfile="Dockerfile", name="repo"
-                    )
-                for preset in PRESETS:
-                    build_agent_layer(client, project.tag, preset)
-            finally:
-                client.close()
+            # One process of the session builds them; any other waits here, then finds each
+            # image by its content hash.
+            with machine_lock(f"agent-layers-{engine_key()}"):
+                self._build_all()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the tests that wait
             self._error = exc
         self.seconds = time.monotonic() - started
+
+    def _build_all(self) -> None:
+        client = docker.from_env(timeout=600)
+        try:
+            ensure_test_base(client)
+            gateway_image(DockerRuntime(client), extra_ca_certs=extra_ca_certs())
+            with tempfile.TemporaryDirectory(prefix="trimo-agent-layers-") as tmp:
+                repo = sample(Path(tmp) / "repo")
+                project = images.build_image(
+                    client, repo / ".trimo", dockerfile="Dockerfile", name="repo"
+                )
+            for preset in PRESETS:
+                build_agent_layer(client, project.tag, preset)
+        finally:
+            client.close()
 
     def wait(self) -> None:
         """Block until the builds are done (bounded); fail the calling test if they failed."""

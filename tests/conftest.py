@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -74,38 +75,107 @@ def kept_image_ids(client: docker.DockerClient) -> set[str]:
     return kept
 
 
+class EngineCleanup:
+    """What the session made on the engine goes at its end; what the engine had stays.
+
+    Taken once per session by the process that is not a pytest-xdist worker (the only process
+    without xdist, the controller with it): a worker finishing early must not remove images or
+    networks another worker's tests still use.
+    """
+
+    def __init__(self) -> None:
+        self.images: set[str] = set()
+        self.networks: set[str] = set()
+        self.spares: set[str] = set()
+        self.seen = False
+        self.used = False  # a test of the session (in any of its processes) used the engine
+
+    def snapshot(self) -> None:
+        try:
+            client = docker.from_env(timeout=60)
+            client.ping()
+        except (docker.errors.DockerException, OSError):
+            return  # no engine: the session's tests that need one fail on their own
+        try:
+            self.images = {img.id for img in client.images.list(all=True)}
+            managed = client.networks.list(filters={"label": "trimo.managed=1"})
+            self.networks = {n.id for n in managed}
+            spare = {"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
+            self.spares = {c.id for c in client.containers.list(all=True, filters=spare)}
+            self.seen = True
+        finally:
+            client.close()
+
+    def clean(self) -> None:
+        if not (self.seen and self.used):
+            return  # a session that never touched the engine leaves it alone
+        client = docker.from_env(timeout=600)
+        try:
+            self._clean(client)
+        finally:
+            client.close()
+
+    def _clean(self, client: docker.DockerClient) -> None:
+        # Spare proxies the session's runs started and no run took (a taken one went with its
+        # run).
+        spare = {"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
+        for c in client.containers.list(all=True, filters=spare):
+            if c.id not in self.spares and c.name.startswith(SPARE_PREFIX):
+                with contextlib.suppress(docker.errors.APIError):
+                    c.remove(force=True, v=True)
+        # Images that runs built during the session (project images of test repositories) go
+        # too; the base image stays, as the engine had it or as the session made it.
+        kept = kept_image_ids(client)
+        for img in client.images.list():
+            if img.id in self.images or img.id in kept or any(t in KEEP_IMAGES for t in img.tags):
+                continue
+            if any(t.startswith(("trimo/", "trimo-test/", "trimo-ctx:")) for t in img.tags):
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(img.id, force=True)
+        # Networks the session's runs made (the engine's egress network included) go as well,
+        # once nothing is attached to them; a network the engine had before the session stays.
+        for net in client.networks.list(filters={"label": "trimo.managed=1"}):
+            if net.id not in self.networks:
+                with contextlib.suppress(docker.errors.APIError):
+                    net.remove()
+
+
+ENGINE_CLEANUP = EngineCleanup()
+
+
+def is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not is_xdist_worker(session.config) and not session.config.option.collectonly:
+        ENGINE_CLEANUP.snapshot()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A pytest-xdist worker is done: did its tests use the engine?"""
+    if getattr(node, "workeroutput", {}).get("docker_used"):
+        ENGINE_CLEANUP.used = True
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not is_xdist_worker(session.config):
+        ENGINE_CLEANUP.clean()
+
+
 @pytest.fixture(scope="session")
-def docker_client() -> Iterator[docker.DockerClient]:
+def docker_client(request: pytest.FixtureRequest) -> Iterator[docker.DockerClient]:
     client = docker.from_env(timeout=600)
     client.ping()
-    before = {img.id for img in client.images.list(all=True)}
-    networks_before = {n.id for n in client.networks.list(filters={"label": "trimo.managed=1"})}
-    spare = {"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
-    spares_before = {c.id for c in client.containers.list(all=True, filters=spare)}
+    ENGINE_CLEANUP.used = True
+    if is_xdist_worker(request.config):
+        request.config.workeroutput["docker_used"] = True  # type: ignore[attr-defined]
     yield client
-    # Spare proxies the session's runs started and no run took (a taken one went with its run).
-    for c in client.containers.list(all=True, filters=spare):
-        if c.id not in spares_before and c.name.startswith(SPARE_PREFIX):
-            with contextlib.suppress(docker.errors.APIError):
-                c.remove(force=True, v=True)
-    # Images that runs built during the session (project images of test repositories) go too;
-    # the base image stays, as the engine had it or as the session made it.
-    kept = kept_image_ids(client)
-    for img in client.images.list():
-        if img.id in before or img.id in kept or any(t in KEEP_IMAGES for t in img.tags):
-            continue
-        if any(t.startswith(("trimo/", "trimo-test/", "trimo-ctx:")) for t in img.tags):
-            with contextlib.suppress(docker.errors.APIError):
-                client.images.remove(img.id, force=True)
-    # Whatever a test left behind under the test owner label goes now.
+    # Whatever this process's tests left behind under its test owner label goes now.
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={TEST_OWNER}"}):
-        c.remove(force=True, v=True)
-    # Networks the session's runs made (the engine's egress network included) go as well, once
-    # nothing is attached to them; a network the engine had before the session stays.
-    for net in client.networks.list(filters={"label": "trimo.managed=1"}):
-        if net.id not in networks_before:
-            with contextlib.suppress(docker.errors.APIError):
-                net.remove()
+        with contextlib.suppress(docker.errors.APIError):
+            c.remove(force=True, v=True)
     client.close()
 
 
@@ -125,13 +195,40 @@ def base_image(docker_client: docker.DockerClient) -> str:
     return BASE_IMAGE
 
 
+# The modules that take longest, first: with the suite spread over processes a module at a time
+# (scripts/test: pytest-xdist, --dist loadfile), a long one started last would finish alone.
+# A module missing here only starts later; the agent tests always go last.
+LONGEST_FIRST = (
+    "test_github_app.py",
+    "test_lease_workers.py",
+    "test_run_engine.py",
+    "test_engines.py",
+    "test_examples.py",
+    "test_network.py",
+    "test_base_image.py",
+    "test_publish_secrets.py",
+    "test_deadlines.py",
+)
+
+
+def module_rank(item: pytest.Item) -> int:
+    name = item.path.name
+    if name == AGENT_TESTS:
+        return len(LONGEST_FIRST) + 1
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The agent tests run last, and the images they need start building now, in the background
-    (tests/agent_layers.py): minutes of npm and pip overlap the rest of the suite."""
-    agents = [item for item in items if item.path.name == AGENT_TESTS]
-    if not agents or config.option.collectonly:
+    """The longest modules first and the agent tests last; the images the agent tests need
+    start building now, in the background (tests/agent_layers.py): minutes of npm and pip
+    overlap the rest of the suite."""
+    if any(item.get_closest_marker("docker") for item in items):
+        ENGINE_CLEANUP.used = True
+        if is_xdist_worker(config):
+            config.workeroutput["docker_used"] = True  # type: ignore[attr-defined]
+    items.sort(key=module_rank)  # stable: each module's own order stays
+    if config.option.collectonly or not any(item.path.name == AGENT_TESTS for item in items):
         return
-    items[:] = [item for item in items if item.path.name != AGENT_TESTS] + agents
     PREBUILD.start()
 
 

@@ -31,6 +31,7 @@ from bot.images import BASE_IMAGE, DEBIAN_IMAGE, HASH_REPO
 from bot.states import PipelineKind
 from bot.store import Run, Store
 from bot.worker import dispatch
+from tests.locks import machine_lock
 
 START_SECONDS = 60
 STOP_SECONDS = 40
@@ -83,6 +84,15 @@ def _bridges() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
 
 
+def _host_bridges() -> set[str]:
+    """The bridges an engine's start could delete: docker0 and the engines' own, not the
+    `br-*` of networks, which the engines add and remove as their runs come and go."""
+    return {name for name in _bridges() if not name.startswith("br-")}
+
+
+BRIDGES_LOCK = "side-engine-bridges"
+
+
 @dataclass
 class SideEngine:
     """A dockerd of the test's own; `url` is its DOCKER_HOST."""
@@ -116,18 +126,20 @@ class SideEngine:
     # -- life ---------------------------------------------------------------------------------
 
     def start(self) -> SideEngine:
-        self.bridge_net = _free_subnet([f"172.{n}.0.0/16" for n in range(40, 64)])
-        self.pool = _free_subnet([f"10.{n}.0.0/16" for n in range(200, 250)])
-        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
-        gateway = next(self.bridge_net.hosts())
-        subprocess.run(
-            ["ip", "addr", "add", f"{gateway}/{self.bridge_net.prefixlen}", "dev", self.bridge],
-            check=True,
-        )
-        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        # Engines of other test processes choose their subnets too: one at a time, so no two
+        # take the same one.
+        with machine_lock(BRIDGES_LOCK):
+            self.bridge_net = _free_subnet([f"172.{n}.0.0/16" for n in range(40, 64)])
+            self.pool = _free_subnet([f"10.{n}.0.0/16" for n in range(200, 250)])
+            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+            gateway = next(self.bridge_net.hosts())
+            subprocess.run(
+                ["ip", "addr", "add", f"{gateway}/{self.bridge_net.prefixlen}", "dev", self.bridge],
+                check=True,
+            )
+            subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "exec").mkdir(parents=True, exist_ok=True)
-        self.host_bridges = _bridges() - {self.bridge}
         self._spawn()
         return self
 
@@ -139,6 +151,18 @@ class SideEngine:
         # outlive a restart for Trimo anyway: a run's network goes with the run, the egress
         # network is made again.
         (self.root / "network" / "files" / "local-kv.db").unlink(missing_ok=True)
+        # Held while the engine starts: no other session's engine adds or drops its bridge in
+        # between, so a bridge missing afterwards is one this start deleted.
+        with machine_lock(BRIDGES_LOCK):
+            self.host_bridges = _host_bridges() - {self.bridge}
+            self._start_dockerd()
+            gone = self.host_bridges - _host_bridges()
+        if gone:
+            raise RuntimeError(
+                f"dockerd {self.name} deleted the host's bridge(s) {sorted(gone)} as it started"
+            )
+
+    def _start_dockerd(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -162,11 +186,6 @@ class SideEngine:
         )
         log.close()
         self.wait_ready()
-        gone = self.host_bridges - _bridges()
-        if gone:
-            raise RuntimeError(
-                f"dockerd {self.name} deleted the host's bridge(s) {sorted(gone)} as it started"
-            )
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_SECONDS
@@ -250,7 +269,8 @@ class SideEngine:
                 client.close()
         self._terminate()
         self._drop_iptables_rules()
-        subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
+        with machine_lock(BRIDGES_LOCK):
+            subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
         self._unmount_below(self.root)
         self._unmount_below(self.run_dir)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -76,8 +76,10 @@ def branches(repo: Path) -> list[str]:
     return git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/").split()
 
 
-def containers_of(client: docker.DockerClient, run_id: int) -> list[object]:
-    return client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run_id}"})
+def containers_of(client: docker.DockerClient, store: Store, run_id: int) -> list[object]:
+    """The containers of run `run_id` of `store` (run ids repeat across stores)."""
+    labels = [f"{LABEL_RUN}={run_id}", f"{LABEL_STORE}={store.key}"]
+    return client.containers.list(all=True, filters={"label": labels})
 
 
 def wait_for_state(store: Store, run_id: int, state: RunState, timeout: float = 120) -> None:
@@ -114,7 +116,7 @@ def test_timeout_checkpoints_and_pushes_the_work(
     assert git(repo, "show", f"{branch}:progress.txt") == "half done"
     run = trimo.store().list_runs()[0]
     assert run.state == RunState.TIMED_OUT
-    assert containers_of(docker_client, run.id) == []
+    assert containers_of(docker_client, trimo.store(), run.id) == []
 
 
 def test_unrelated_history_is_not_published(trimo: Trimo, tmp_path: Path) -> None:
@@ -283,7 +285,7 @@ def test_cancel_stops_and_pushes_the_work_so_far(
     assert store.get_run(1).state == RunState.CANCELLED
     branch = next(b for b in branches(repo) if b.startswith("trimo/"))
     assert git(repo, "show", f"{branch}:draft.txt") == "draft"
-    assert containers_of(docker_client, 1) == []
+    assert containers_of(docker_client, store, 1) == []
 
 
 def test_killed_trimo_run_is_reaped_by_the_next_command(
@@ -342,7 +344,7 @@ def test_sample_agent_fixes_a_postgres_backed_test(
     assert git(sample_repo, "rev-parse", f"{branch}^") == base
     assert run.tests_passed and run.tests_passed >= 5 and run.tests_failed == 0
     assert f"{run.tests_passed} passed, 0 failed" in r.stdout
-    assert containers_of(docker_client, run.id) == []
+    assert containers_of(docker_client, trimo.store(), run.id) == []
 
     # The same task again: the image is reused and the mirror only fetches.
     again = trimo(
