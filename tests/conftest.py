@@ -147,6 +147,14 @@ def is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def engine_used(config: pytest.Config) -> None:
+    """This process's tests use the engine: the session's clean-up is due (told to the
+    controller by a pytest-xdist worker)."""
+    ENGINE_CLEANUP.used = True
+    if is_xdist_worker(config):
+        config.workeroutput["docker_used"] = True  # type: ignore[attr-defined]
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not is_xdist_worker(session.config) and not session.config.option.collectonly:
         ENGINE_CLEANUP.snapshot()
@@ -168,9 +176,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def docker_client(request: pytest.FixtureRequest) -> Iterator[docker.DockerClient]:
     client = docker.from_env(timeout=600)
     client.ping()
-    ENGINE_CLEANUP.used = True
-    if is_xdist_worker(request.config):
-        request.config.workeroutput["docker_used"] = True  # type: ignore[attr-defined]
+    engine_used(request.config)
     yield client
     # Whatever this process's tests left behind under its test owner label goes now.
     for c in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={TEST_OWNER}"}):
@@ -223,9 +229,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     start building now, in the background (tests/agent_layers.py): minutes of npm and pip
     overlap the rest of the suite."""
     if any(item.get_closest_marker("docker") for item in items):
-        ENGINE_CLEANUP.used = True
-        if is_xdist_worker(config):
-            config.workeroutput["docker_used"] = True  # type: ignore[attr-defined]
+        engine_used(config)
     items.sort(key=module_rank)  # stable: each module's own order stays
     if config.option.collectonly or not any(item.path.name == AGENT_TESTS for item in items):
         return
