@@ -319,22 +319,24 @@ def test_a_write_github_is_slow_to_answer_keeps_its_lease_and_its_lane(
     pipeline = _pipeline(store, PipelineKind.PULL, 1)
     run = store.create_run(pipeline.id, trigger="label", task="t", sender="alice", head_sha=SHA)
     slow = ReportSender(store, svc.send_client, "slow-worker", lease=timedelta(seconds=0.6))
+    other = ReportSender(store, svc.send_client, "other-worker", backoff=0.05)
     deliver = slow._deliver
+    taken: list[str] = []
 
     def slowly(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(2.0)  # more than three leases
+        # While GitHub takes its time over each report (more than three leases), another
+        # sender keeps asking for work: the report in flight and the lane behind it are not
+        # its to take. (It asks only while a delivery is under way: between two, either
+        # sender may rightly take the next report.)
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            taken.extend(e.report_id for e in other.send())
+            time.sleep(0.1)
         return deliver(*args, **kwargs)
 
     slow._deliver = slowly  # type: ignore[method-assign]
     svc.sender = slow
-    sending = threading.Thread(target=svc.reports.queued, args=(run, 1))
-    sending.start()
-    other = ReportSender(store, svc.send_client, "other-worker", backoff=0.05)
-    taken: list[str] = []
-    while sending.is_alive():
-        taken += [e.report_id for e in other.send()]
-        time.sleep(0.1)
-    sending.join()
+    svc.reports.queued(run, 1)
     assert taken == []
     assert slow.outbox.counts()[ReportState.PENDING] == 0
     assert len(fake.requests_to("POST", r"/issues/1/comments$")) == 1
