@@ -446,6 +446,14 @@ def test_the_reaper_never_removes_a_spare_a_run_is_taking(
     claimed, cut_short, paused = (
         runtime.start_spare_proxy(image, dead_maker, store) for _ in range(3)
     )
+    # The run taking `claimed` has its network, as a run does: a claimed spare whose network is
+    # gone is any reaper's to remove (other test processes reap too).
+    spec = ContainerSpec(
+        image=image, run_id=8, pipeline_id=1, owner=TEST_OWNER, store=store,
+        name=f"trimo-test-run-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    assert spec.name is not None
+    network = runtime.create_network(spec.name, spec)
     try:
         # A run unpauses one (its claim) and renames it while the reaper is judging it.
         docker_client.api.unpause(claimed)
@@ -458,11 +466,10 @@ def test_the_reaper_never_removes_a_spare_a_run_is_taking(
         )
         reaper.start()
         time.sleep(SPARE_RENAME_SECONDS / 4)
-        docker_client.api.rename(claimed, f"trimo-test-run-{uuid.uuid4().hex[:8]}-proxy")
+        docker_client.api.rename(claimed, f"{spec.name}-proxy")
         reaper.join(timeout=60)
         [removed] = found
         gone = {r.container_id for r in removed}
-        # The renamed one's network does not exist, so the next round takes it: not this one.
         assert claimed not in gone
         assert docker_client.containers.get(claimed).status == "running"
         assert cut_short in gone
@@ -474,6 +481,7 @@ def test_the_reaper_never_removes_a_spare_a_run_is_taking(
     finally:
         for cid in (claimed, cut_short, paused):
             runtime.remove(cid)
+        runtime.remove_network(network)
 
 
 def test_the_reaper_removes_spares_nobody_takes_and_those_of_finished_runs(
