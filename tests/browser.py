@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,39 @@ def browser() -> Iterator[object]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+# The page's text read in one script: an element found in one document and read after a click
+# or redirect replaced it fails ("stale element", or Chromium's "Node with given id does not
+# belong to the document"); a script runs in whichever document is there and sees it whole.
+_TEXT = (
+    "return document.readyState === 'complete' && document.body ? document.body.innerText : null"
+)
+
+
+def page_text(driver: Any, until: Callable[[str], bool] = bool, timeout: float = 15) -> str:
+    """The text of the page once it has loaded and `until(text)` holds (a click returns before
+    the browser lands on the page its form posts to); the page's text in the failure if not."""
+    from selenium.common.exceptions import JavascriptException, TimeoutException
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    seen = ""
+
+    def ready(d: Any) -> bool:
+        nonlocal seen
+        text = d.execute_script(_TEXT)
+        if text is None:
+            return False
+        seen = str(text)
+        return until(seen)
+
+    try:
+        WebDriverWait(
+            driver, timeout, poll_frequency=0.1, ignored_exceptions=[JavascriptException]
+        ).until(ready)
+    except TimeoutException:
+        raise AssertionError(
+            f"{driver.current_url} did not show what was waited for in {timeout:.0f} s; "
+            f"it shows: {seen[:1000]!r}"
+        ) from None
+    return seen

@@ -21,10 +21,8 @@ from typing import Any
 
 import pytest
 import requests
-from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.browser import browser  # noqa: F401
+from tests.browser import browser, page_text  # noqa: F401
 from tests.conftest import GITHUB_FIXTURES
 from tests.github_fake import served_fake
 
@@ -100,10 +98,7 @@ def test_the_app_is_created_from_the_page_and_the_next_start_uses_it(
             browser.get(url + "/")
             browser.find_element("id", "create").click()
             # The click returns before GitHub's round trip does: wait for the page it ends on.
-            WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(
-                lambda b: "created" in b.find_element("tag name", "body").text
-            )
-            text = browser.find_element("tag name", "body").text
+            text = page_text(browser, until=lambda text: "created" in text, timeout=30)
             assert str(data / "github-app.toml") in text
         finally:
             _stop(first)

@@ -18,7 +18,7 @@ import requests
 
 from bot.states import RunState
 from bot.store import Store
-from tests.browser import browser  # noqa: F401
+from tests.browser import browser, page_text  # noqa: F401
 from tests.containers import make_repo
 from tests.tcp_proxy import CuttableProxy
 
@@ -178,7 +178,7 @@ def test_a_live_run_page_streams_lines_within_a_second_and_a_cut_loses_and_doubl
 
     # After the run: the failing test's name, message and output; the commit with its diff.
     browser.get(f"{url}/runs/{run_id}")
-    text = browser.find_element("tag name", "body").text
+    text = page_text(browser)
     assert "test_login" in text and "assert 401 == 200" in text and "OUTPUT-MARK-7" in text
     assert "Say hello" in text and "+hello" in text
     _screenshots(browser, url, run_id)

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.wait import WebDriverWait
 from werkzeug.serving import make_server
 
 from bot.settings import Settings
 from bot.states import LIVE, PipelineKind, RunState
 from bot.store import Store
-from tests.browser import browser  # noqa: F401
+from tests.browser import browser, page_text  # noqa: F401
 from tests.github_fake import FakeGitHub, served_fake
 
 REPO = "octo/secret-sauce"
@@ -86,7 +85,7 @@ def _sign_in_as(browser: Any, site: Site, login: str, page: str) -> str:
     browser.delete_all_cookies()
     site.fake.signed_in = login
     browser.get(site.url + page)
-    return str(browser.find_element("tag name", "body").text)
+    return page_text(browser)
 
 
 def test_sign_in_shows_readers_the_run_refuses_their_retry_and_hides_it_from_others(
@@ -105,24 +104,20 @@ def test_sign_in_shows_readers_the_run_refuses_their_retry_and_hides_it_from_oth
     # A reader presses Retry: refused, and no run is queued.
     before = len(site.store.list_runs())
     browser.find_element("css selector", "button[name=retry]").click()
-    WebDriverWait(browser, 15, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda b: "permission" in b.find_element("tag name", "body").text
-    )
+    page_text(browser, until=lambda text: "permission" in text)
     assert len(site.store.list_runs()) == before
 
     # Someone without read access: the run does not exist for them, nor in their list.
     text = _sign_in_as(browser, site, OUTSIDER, page)
     assert "not found" in text.lower() and f"Run #{site.run_id}" not in text
     browser.get(site.url + "/runs")
-    assert f"#{site.run_id}" not in browser.find_element("tag name", "body").text
+    assert f"#{site.run_id}" not in page_text(browser)
 
     # A writer's Retry queues a new run and shows its page.
     _sign_in_as(browser, site, WRITER, page)
     browser.find_element("css selector", "button[name=retry]").click()
     # A click returns before the form's POST does: wait for the browser to land on the new page.
-    WebDriverWait(browser, 15, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda b: b.current_url != site.url + page
-    )
+    WebDriverWait(browser, 15).until(lambda b: b.current_url != site.url + page)
     runs = site.store.list_runs()
     assert len(runs) == before + 1 and runs[0].sender == WRITER
     assert browser.current_url == f"{site.url}/runs/{runs[0].id}"
@@ -130,8 +125,8 @@ def test_sign_in_shows_readers_the_run_refuses_their_retry_and_hides_it_from_oth
 
 def test_a_forged_callback_is_refused(site: Site, browser: Any) -> None:
     browser.get(f"{site.url}/signin/callback?code=stolen&state=guess")
-    assert "sign in again" in browser.find_element("tag name", "body").text
+    assert "sign in again" in page_text(browser)
     site.fake.signed_in = None  # nobody is signed in to GitHub in this browser
     browser.get(f"{site.url}/runs/{site.run_id}")
-    text = browser.find_element("tag name", "body").text
+    text = page_text(browser)
     assert "Sign in to GitHub" in text and f"Run #{site.run_id}" not in text
