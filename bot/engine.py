@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from secrets import token_hex
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import docker
@@ -529,7 +530,9 @@ class Engine:
         preset = self._preset(run, config)
         model_keys = self._model_keys(run, preset, ctx) if preset is not None else {}
         policy = self._policy(run, config, obs)
-        name = f"trimo-run-{run.id}-{int(time.time())}"
+        # Unique on the engine, which other stores (another data directory, another server)
+        # share: their run numbers start at 1 too, and may start in the same second.
+        name = f"trimo-run-{run.id}-{token_hex(4)}"
         spec = ContainerSpec(
             image="",  # known once the image is built or found
             run_id=run.id,
