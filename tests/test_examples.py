@@ -8,12 +8,10 @@ the example's own test command reports JUnit with passing tests.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from bot.images import build_image, images_dir
 from bot.protocol import ExitCode
 from bot.runtime import DockerRuntime
 from tests.containers import RunnerResult, git, run_runner
+from tests.locks import engine_key, machine_lock
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -63,8 +62,9 @@ class ExampleImages:
         self.lock = threading.Lock()
 
     def get(self, name: str) -> ExampleImage:
-        # One build at a time: the machine's cores are shared.
-        with self.lock:
+        # One build at a time, across the session's processes too: the machine's cores are
+        # shared, and a second process wanting the same image finds it built and reuses it.
+        with self.lock, machine_lock(f"example-images-{engine_key()}"):
             if name not in self.images:
                 tag = f"trimo-test/example-{name}:{SESSION_TAG}"
                 result = build_image(
@@ -80,20 +80,13 @@ class ExampleImages:
                 )
             return self.images[name]
 
-    def remove_all(self) -> None:
-        for image in self.images.values():
-            # Another module's copy of this fixture may have removed it already.
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                self.client.images.remove(image.image_id, force=True)
-
 
 @pytest.fixture(scope="session")
-def example_images(docker_client: docker.DockerClient, base_image: str) -> Iterator[ExampleImages]:
-    images = ExampleImages(docker_client)
-    try:
-        yield images
-    finally:
-        images.remove_all()
+def example_images(docker_client: docker.DockerClient, base_image: str) -> ExampleImages:
+    """The examples' images, built once per session. They go at the session's end with the
+    other images it made (tests/conftest.py, EngineCleanup): another test process may be
+    running on one of them when this one is done."""
+    return ExampleImages(docker_client)
 
 
 def example_checkout(name: str, dest: Path) -> Path:
