@@ -56,36 +56,37 @@ def trimo_run(repo: Path, data: Path, i: int) -> float:
     return trimo_run_phases(repo, data, i)[0]
 
 
-def trimo_run_phases(repo: Path, data: Path, i: int) -> tuple[float, float]:
-    """The wall time of one `trimo run`, and the seconds from its start to the agent's (as the
-    run's own progress lines tell them: what a run waits before its agent works)."""
-    env = {**os.environ, "TRIMO_DATA_DIR": str(data)}
+def trimo_run_phases(repo: Path, data: Path, i: int) -> tuple[float, float, float]:
+    """One `trimo run`: its wall time, the seconds from its start to the agent's (as the run's
+    own progress lines tell them: what a run waits before its agent works), and the seconds
+    until it printed its summary (the run is over; the process may still finish starting the
+    next run's spare proxy)."""
+    env = {**os.environ, "TRIMO_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     # The same task each round: one pipeline, one warm branch, as a follow-up run would be.
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bot",
-            "run",
-            "--repo",
-            str(repo),
-            "--task",
-            "bench task",
-            "--agent",
-            AGENT,
-        ],
-        check=True,
+    command = [sys.executable, "-m", "bot", "run", "--repo", str(repo), "--task", "bench task"]
+    proc = subprocess.Popen(
+        [*command, "--agent", AGENT],
         env=env,
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-    ).stdout
+    )
+    assert proc.stdout is not None
+    out: list[str] = []
+    summary: float | None = None
+    for line in proc.stdout:
+        if summary is None and re.match(r"run \d+: \w+$", line.strip()):
+            summary = time.perf_counter() - started
+        out.append(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"trimo run failed:\n{''.join(out)}")
     wall = time.perf_counter() - started
-    agent = re.search(r"^\[\s*([0-9.]+)s\] agent$", out, re.MULTILINE)
-    if agent is None:
-        raise RuntimeError(f"no agent phase in the run's output:\n{out}")
-    return wall, float(agent.group(1))
+    agent = re.search(r"^\[\s*([0-9.]+)s\] agent$", "".join(out), re.MULTILINE)
+    if agent is None or summary is None:
+        raise RuntimeError(f"no agent phase or summary in the run's output:\n{''.join(out)}")
+    return wall, float(agent.group(1)), summary
 
 
 def bare_run() -> float:
@@ -116,26 +117,29 @@ def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
     data = tmp / "data-net"
     trimo_run(none_repo, data, -1)
     trimo_run(allow_repo, data, -1)
-    none_times, allow_times, none_agent, allow_agent = [], [], [], []
+    times: dict[str, list[float]] = {}
     for i in range(rounds):
-        wall, to_agent = trimo_run_phases(none_repo, data, i)
-        none_times.append(wall)
-        none_agent.append(to_agent)
-        wall, to_agent = trimo_run_phases(allow_repo, data, i)
-        allow_times.append(wall)
-        allow_agent.append(to_agent)
+        for mode, repo in (("none", none_repo), ("allowlist", allow_repo)):
+            for what, value in zip(
+                ("wall", "agent", "summary"), trimo_run_phases(repo, data, i), strict=True
+            ):
+                times.setdefault(f"{what}_{mode}", []).append(value)
     remove_spares(data)
-    n, a = statistics.median(none_times), statistics.median(allow_times)
-    na, aa = statistics.median(none_agent), statistics.median(allow_agent)
+    med = {key: statistics.median(values) for key, values in times.items()}
     direct, proxied = download_speeds(max(5, rounds))
     d, p = statistics.median(direct), statistics.median(proxied)
     return {
-        "mode_none_median_s": round(n, 3),
-        "mode_allowlist_median_s": round(a, 3),
-        "network_and_proxy_added_s": round(a - n, 3),
-        "to_agent_none_median_s": round(na, 3),
-        "to_agent_allowlist_median_s": round(aa, 3),
-        "network_and_proxy_added_to_agent_s": round(aa - na, 3),
+        "mode_none_median_s": round(med["wall_none"], 3),
+        "mode_allowlist_median_s": round(med["wall_allowlist"], 3),
+        "network_and_proxy_added_s": round(med["wall_allowlist"] - med["wall_none"], 3),
+        "to_summary_none_median_s": round(med["summary_none"], 3),
+        "to_summary_allowlist_median_s": round(med["summary_allowlist"], 3),
+        "network_and_proxy_added_to_summary_s": round(
+            med["summary_allowlist"] - med["summary_none"], 3
+        ),
+        "to_agent_none_median_s": round(med["agent_none"], 3),
+        "to_agent_allowlist_median_s": round(med["agent_allowlist"], 3),
+        "network_and_proxy_added_to_agent_s": round(med["agent_allowlist"] - med["agent_none"], 3),
         "download_mb": DOWNLOAD_MB,
         "direct_mb_s": round(d, 1),
         "proxied_mb_s": round(p, 1),

@@ -66,6 +66,33 @@ def host_addresses() -> list[str]:
     return sorted(found)
 
 
+class Spares:
+    """The spare proxies an engine is starting for runs to come, each on a thread of its own.
+
+    A run's result never waits for one: the spare is the next run's. A run about to take a
+    spare waits for those under way (what is left of a start is never slower than a start of
+    its own), and so does the process's end (the threads are not daemons): a spare its maker
+    left before pausing it serves nobody and is the reaper's.
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self, target: Callable[..., None], *args: object, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=False)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+
+    def wait(self, timeout: float = LISTEN_SECONDS) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
+
+
 class RunNetwork:
     """The network (and proxy) of one run, made on a thread of its own while the run's image and
     container are prepared; `ready` waits for it, `close` removes both, whatever happened."""
@@ -77,8 +104,10 @@ class RunNetwork:
         policy: NetworkPolicy,
         on_blocked: Callable[[Blocked], None],
         proxy_image: Callable[[], str],
+        spares: Spares | None = None,
     ) -> None:
         self.runtime = runtime
+        self.spares = spares or Spares()
         self.name = spec.network
         self.owner = spec.owner
         self.store = spec.store
@@ -91,7 +120,7 @@ class RunNetwork:
         self._closing = False
         self._proxy_left = False  # its removal failed: close() tries again
         self._closer: threading.Thread | None = None
-        self._spare: threading.Thread | None = None
+        self._spare_started = False
         self._image: tuple[str, str] | None = None
         self._listening = threading.Event()  # set when it listens, or its log ended
         self._listens = False
@@ -109,6 +138,8 @@ class RunNetwork:
             self.network_id = self.runtime.create_network(self.name, spec)
             image = proxy_image()
             image_id = self.runtime.image_id(image)
+            # A spare an earlier run of this engine is starting is the one to take.
+            self.spares.wait()
             with self._lock:
                 if self._closing:
                     return
@@ -152,14 +183,12 @@ class RunNetwork:
 
     def started(self) -> None:
         """The run's agent (or tests) started: the next run's spare is started now, off this
-        run's path (called again, it does nothing)."""
+        run's path, and this run's end does not wait for it (called again, it does nothing)."""
         with self._lock:
-            if self._image is None or self._spare is not None or self._closing:
+            if self._image is None or self._spare_started or self._closing:
                 return
-            self._spare = threading.Thread(
-                target=self._start_spare, args=self._image, name=f"{self.name}-spare"
-            )
-            self._spare.start()
+            self._spare_started = True
+            self.spares.start(self._start_spare, *self._image, name=f"{self.name}-spare")
 
     def _start_spare(self, image: str, image_id: str) -> None:
         """The next run's proxy, unless a spare of this image waits already."""
@@ -211,8 +240,6 @@ class RunNetwork:
         self.run_gone()
         assert self._closer is not None
         self._closer.join()
-        if self._spare is not None:
-            self._spare.join()
         if self._proxy_left and self.proxy_id is not None:
             # The engine was away when the run's container exited (a restart): it is back now.
             self._proxy_left = not self.runtime.remove(self.proxy_id)

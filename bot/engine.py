@@ -30,7 +30,7 @@ from bot import images
 from bot.agents import PRESETS, Preset, Step
 from bot.agents.layer import build_agent_layer
 from bot.deadline import Watchdog
-from bot.egress import PROXY_URL, RunNetwork, ensure_proxy_image, host_addresses
+from bot.egress import PROXY_URL, RunNetwork, Spares, ensure_proxy_image, host_addresses
 from bot.errors import (
     ConfigError,
     ImageBuildError,
@@ -301,6 +301,8 @@ class Engine:
         self._controls: dict[int, _Control] = {}
         self._controls_lock = threading.Lock()
         self.leases = LeaseKeeper(store, owner, lease or LeaseTerms())
+        # Egress proxies started for runs to come (egress.py): the next run takes one.
+        self.spares = Spares()
 
     @property
     def docker(self) -> docker.DockerClient:
@@ -555,6 +557,7 @@ class Engine:
                     policy,
                     self._on_blocked(run, obs),
                     lambda: self._proxy_image(base_ready),
+                    self.spares,
                 )
             )
         try:
