@@ -306,7 +306,8 @@ class Gateway:
             async for chunk in upstream.content.iter_any():
                 reader.feed(chunk)
                 await out.write(chunk)
-            await out.write_eof()
+        # Metered before the agent sees the response end: an agent that finishes on its last
+        # answer ends the run, and the gateway with it, at once.
         usage = reader.close()
         if usage != (0, 0):
             name = reader.model or model or ""
@@ -323,6 +324,7 @@ class Gateway:
             spent = self.meter.spent()
             if spent is not None:
                 self.emit("budget_spent", spent=spent, totals=self.meter.totals())
+        await out.write_eof()
         return out
 
 
