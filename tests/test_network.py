@@ -435,6 +435,18 @@ def test_a_run_takes_the_spare_proxy_an_earlier_run_started_with_its_own_policy(
     assert connections(docker_client, file_server) == 2  # the second run's, and one question
 
 
+def _run_network(
+    runtime: DockerRuntime, image: str, store: str, run_id: int
+) -> tuple[ContainerSpec, str]:
+    """A run's spec in `store` and the network the engine makes for it."""
+    spec = ContainerSpec(
+        image=image, run_id=run_id, pipeline_id=1, owner=TEST_OWNER, store=store,
+        name=f"trimo-test-run-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    assert spec.name is not None
+    return spec, runtime.create_network(spec.name, spec)
+
+
 def test_the_reaper_never_removes_a_spare_a_run_is_taking(
     docker_client: docker.DockerClient, runtime: DockerRuntime, base_image: str
 ) -> None:
@@ -448,12 +460,7 @@ def test_the_reaper_never_removes_a_spare_a_run_is_taking(
     )
     # The run taking `claimed` has its network, as a run does: a claimed spare whose network is
     # gone is any reaper's to remove (other test processes reap too).
-    spec = ContainerSpec(
-        image=image, run_id=8, pipeline_id=1, owner=TEST_OWNER, store=store,
-        name=f"trimo-test-run-{uuid.uuid4().hex[:8]}",
-    )  # fmt: skip
-    assert spec.name is not None
-    network = runtime.create_network(spec.name, spec)
+    spec, network = _run_network(runtime, image, store, run_id=8)
     try:
         # A run unpauses one (its claim) and renames it while the reaper is judging it.
         docker_client.api.unpause(claimed)
@@ -493,12 +500,7 @@ def test_the_reaper_removes_spares_nobody_takes_and_those_of_finished_runs(
     image = ensure_proxy_image(docker_client)
     image_id = runtime.image_id(image)
     store = f"test-spares-{uuid.uuid4().hex[:8]}"
-    spec = ContainerSpec(
-        image=image, run_id=7, pipeline_id=1, owner=TEST_OWNER, store=store,
-        name=f"trimo-test-run-{uuid.uuid4().hex[:8]}",
-    )  # fmt: skip
-    assert spec.name is not None
-    network = runtime.create_network(spec.name, spec)
+    spec, network = _run_network(runtime, image, store, run_id=7)
     spares = {
         runtime.start_spare_proxy(image, TEST_OWNER, store),
         runtime.start_spare_proxy(image, TEST_OWNER, store),
