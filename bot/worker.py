@@ -129,8 +129,10 @@ def dispatch(
     instructions: str | None = None,
     agent_command: str | None = None,
     head_sha: str | None = None,
+    delivery_key: str | None = None,
 ) -> Run:
-    """Queue a run on `pipeline`; a live run there is superseded (cancelled, and says by what)."""
+    """Queue a run on `pipeline`; a live run there is superseded (cancelled, and says by what).
+    `delivery_key`: the run is the delivery's, from the same transaction (Store.create_run)."""
     run = store.create_run(
         pipeline.id,
         trigger=trigger,
@@ -140,6 +142,7 @@ def dispatch(
         instructions=instructions,
         agent_command=agent_command,
         head_sha=head_sha,
+        delivery_key=delivery_key,
     )
     for old in store.live_runs(pipeline.id):
         if old.id == run.id:

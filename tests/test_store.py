@@ -12,6 +12,7 @@ from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -174,6 +175,19 @@ def test_a_run_goes_from_queued_through_claim_to_a_final_state(store: Store) -> 
 
     states = [e.message for e in store.events(run.id, kinds=["state"])]
     assert states == ["queued", "preparing", "agent", "succeeded"]
+
+
+def test_a_run_queued_for_a_delivery_is_that_deliverys_from_the_same_transaction(
+    store: Store,
+) -> None:
+    """Processing a delivery again after the store failed right after its run was queued finds
+    that run: it is never queued a second time."""
+    pipeline = _pipeline(store)
+    run = store.create_run(pipeline.id, trigger="label", task="t", delivery_key="d-1:run")
+    assert store.delivery_run("d-1:run") == run.id
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        store.create_run(pipeline.id, trigger="label", task="t", delivery_key="d-1:run")
+    assert [r.id for r in store.list_runs()] == [run.id]
 
 
 def test_the_first_final_state_wins(store: Store) -> None:

@@ -184,8 +184,10 @@ class Commands:
         self.react(client, intent)
         if intent.is_fork and not service.forks.admits(client, intent, pipeline):
             return
-        # Processing this delivery again (a retry after a failure further on) queues no second
-        # run: the one it queued is reported again (the outbox sends nothing twice).
+        # Processing this delivery again (a retry after a failure further on, the store gone
+        # the moment after the run was queued) queues no second run: the run and the delivery's
+        # claim to it are one transaction, and the run it queued is reported again (the outbox
+        # sends nothing twice).
         key = report_key("run")
         known = self.store.delivery_run(key)
         if known is not None:
@@ -206,8 +208,8 @@ class Commands:
             sender=intent.sender,
             instructions=intent.instructions,
             head_sha=intent.head_sha,
+            delivery_key=key,
         )
-        self.store.remember_delivery_run(key, run.id)
         service.reports.queued(run, installation_id)
 
     def _from_check_run(self, intent: RunIntent) -> tuple[RunIntent, str]:

@@ -156,11 +156,6 @@ class Deliveries(StoreBase):
             row = s.get(DeliveryRunRecord, key)
             return row.run_id if row else None
 
-    def remember_delivery_run(self, key: str, run_id: int) -> None:
-        stmt = self._insert(DeliveryRunRecord).values(key=key, run_id=run_id)
-        with self._write() as s:
-            s.execute(stmt.on_conflict_do_nothing())
-
     def get_delivery(self, key: str) -> DeliveryInfo | None:
         """A stored delivery by its delivery id (GitHub's) or its row id."""
         with self._read() as s:

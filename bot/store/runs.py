@@ -15,7 +15,7 @@ from bot.states import ACTIVE, FINISHED, RunMode, RunState
 from bot.store.base import NO_SUCH_RUN, StoreBase, check_fields, utcnow
 from bot.store.events import _event_row
 from bot.store.models import Run, run_of
-from bot.store.records import PipelineRecord, RunRecord, UTCDateTime
+from bot.store.records import DeliveryRunRecord, PipelineRecord, RunRecord, UTCDateTime
 
 # The fields `update_run` and `set_state` may set: not the run's identity, nor its state and
 # lease, which change only by compare-and-set (`set_state`, `claim_run`, `renew_leases`).
@@ -48,8 +48,13 @@ class RunQueue(StoreBase):
         instructions: str | None = None,
         agent_command: str | None = None,
         head_sha: str | None = None,
+        delivery_key: str | None = None,
     ) -> Run:
-        """A new queued run; it appears in the queue when this returns."""
+        """A new queued run; it appears in the queue when this returns.
+
+        With `delivery_key` (the delivery being processed, see bot/github/outbox.py report_key)
+        the run is remembered as that delivery's in the same transaction: processing the
+        delivery again, after a failure at any point, finds it and queues no second run."""
         row = RunRecord(
             pipeline_id=pipeline_id,
             state=str(RunState.QUEUED),
@@ -67,6 +72,8 @@ class RunQueue(StoreBase):
             s.add(row)
             s.flush()
             s.add(_event_row(row.id, "state", str(RunState.QUEUED), {"trigger": trigger}))
+            if delivery_key is not None:
+                s.add(DeliveryRunRecord(key=delivery_key, run_id=row.id))
             return run_of(row)
 
     def claim_run(
