@@ -453,8 +453,10 @@ class DockerRuntime:
         for spare in self.spare_proxies(store, image_id):
             try:
                 self.client.api.unpause(spare)
-            except docker.errors.APIError:
-                continue  # another run unpaused it first, or it is gone
+            except docker.errors.APIError as exc:
+                # Another run unpaused it first, or it is gone.
+                log.info("spare proxy %s was not there to take: %s", spare[:12], exc)
+                continue
             try:
                 # Named after the run's network: the reaper knows whose it is from then on.
                 self.client.api.rename(spare, name)
