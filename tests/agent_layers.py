@@ -12,7 +12,6 @@ agent test's run finds its image by content hash and builds nothing.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ from bot.agents.layer import build_agent_layer
 from bot.gateway.sidecar import gateway_image
 from bot.runtime import DockerRuntime
 from bot.sample import make_sample_repo
-from tests.containers import git
+from tests.containers import extra_ca_certs, git
 from tests.locks import engine_key, machine_lock
 
 # One configuration for every preset (the preset is the run's `--agent`): the repository image,
@@ -39,11 +38,6 @@ network: none
 {extra}"""
 
 WAIT_SECONDS = 1500.0
-
-
-def extra_ca_certs() -> Path | None:
-    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
-    return Path(extra) if extra else None
 
 
 def ensure_test_base(client: docker.DockerClient) -> str:

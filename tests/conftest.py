@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,7 @@ class EngineCleanup:
         self.spares: set[str] = set()
         self.seen = False
         self.used = False  # a test of the session (in any of its processes) used the engine
+        self.since = 0
 
     def snapshot(self) -> None:
         try:
@@ -102,18 +104,50 @@ class EngineCleanup:
             self.networks = {n.id for n in managed}
             spare = {"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
             self.spares = {c.id for c in client.containers.list(all=True, filters=spare)}
+            self.since = int(time.time()) - 1
             self.seen = True
         finally:
             client.close()
 
-    def clean(self) -> None:
+    def clean(self) -> list[str]:
+        """Remove what the session made; returns the shared tags it moved (see `moved_tags`)."""
         if not (self.seen and self.used):
-            return  # a session that never touched the engine leaves it alone
+            return []  # a session that never touched the engine leaves it alone
         client = docker.from_env(timeout=600)
         try:
+            moved = self.moved_tags(client)
             self._clean(client)
         finally:
             client.close()
+        return moved
+
+    def moved_tags(self, client: docker.DockerClient) -> list[str]:
+        """The kept tags (trimo/base:bookworm, the proxy, the gateway) the session pointed at
+        more than one image, from the engine's own events.
+
+        Each test process builds these with the session's settings and reuses them by content
+        hash. A Trimo process or engine started with other settings (no extra CA certificates,
+        say) builds another image under the same tag, and a run in another process then finds
+        its spare proxy or its repository image out of date: rare failures far from the cause.
+        """
+        ids: dict[str, set[str]] = {}
+        events = client.events(
+            since=self.since,
+            until=int(time.time()) + 1,
+            filters={"type": "image", "event": "tag"},
+            decode=True,
+        )
+        for event in events:
+            name = event.get("Actor", {}).get("Attributes", {}).get("name", "")
+            if name in KEEP_IMAGES:
+                ids.setdefault(name, set()).add(event["Actor"]["ID"])
+        return [
+            f"{tag} was built as {len(found)} different images: a Trimo process or engine a test "
+            "started had other image settings than the session's (tests/containers.py: "
+            "trimo_free_env, extra_ca_certs)"
+            for tag, found in sorted(ids.items())
+            if len(found) > 1
+        ]
 
     def _clean(self, client: docker.DockerClient) -> None:
         # Spare proxies the session's runs started and no run took (a taken one went with its
@@ -168,8 +202,16 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if not is_xdist_worker(session.config):
-        ENGINE_CLEANUP.clean()
+    if is_xdist_worker(session.config):
+        return
+    moved = ENGINE_CLEANUP.clean()
+    if moved:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            for line in moved:
+                reporter.write_line(f"ERROR: {line}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

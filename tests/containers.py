@@ -17,6 +17,24 @@ from bot.runtime import ContainerSpec, DockerRuntime, files_tar
 # Per session: sessions running side by side never clean up each other's containers.
 TEST_OWNER = f"pytest-{os.getpid()}"
 
+# The settings that decide what trimo/base:bookworm (and every image on it) is. A Trimo process or
+# engine a test starts keeps them: one without the extra CA certificates builds another base and
+# retags it under every other test process on the engine, whose next runs then rebuild.
+IMAGE_SETTINGS = ("TRIMO_EXTRA_CA_CERTS", "TRIMO_IMAGES_DIR")
+
+
+def trimo_free_env(**extra: str) -> dict[str, str]:
+    """This process's environment with no Trimo setting but those that shape the images."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_") or k in IMAGE_SETTINGS}
+    env.update(extra)
+    return env
+
+
+def extra_ca_certs() -> Path | None:
+    """The session's extra CA certificates, as an engine built in a test must be given them."""
+    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
+    return Path(extra) if extra else None
+
 
 @dataclass
 class RunnerResult:

@@ -31,6 +31,7 @@ from bot.images import BASE_IMAGE, DEBIAN_IMAGE, HASH_REPO
 from bot.states import PipelineKind
 from bot.store import Run, Store
 from bot.worker import dispatch
+from tests.containers import trimo_free_env
 from tests.locks import machine_lock
 
 START_SECONDS = 60
@@ -357,13 +358,7 @@ class WorkerProcess:
 
 def trimo_env(data_dir: Path, database_url: str) -> dict[str, str]:
     """The environment of a `trimo` process on this store, with no other Trimo setting."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TRIMO_") or k in ("TRIMO_EXTRA_CA_CERTS", "TRIMO_IMAGES_DIR")
-    }
-    env.update({"TRIMO_DATA_DIR": str(data_dir), "TRIMO_DATABASE_URL": database_url})
-    return env
+    return trimo_free_env(TRIMO_DATA_DIR=str(data_dir), TRIMO_DATABASE_URL=database_url)
 
 
 def start_worker(

@@ -29,7 +29,7 @@ from bot.runtime import LABEL_RUN, LABEL_STORE
 from bot.states import PipelineKind
 from bot.store import Run, Store
 from bot.worker import dispatch
-from tests.containers import make_repo
+from tests.containers import make_repo, trimo_free_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OTHER_HOST = "trimo-other-host"
@@ -85,11 +85,7 @@ class Fleet:
         self.other_host: dict[str, bool] = {}
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
-        # The base image is built with the extra CA certificates: a worker without them would
-        # build (and retag) another base under everyone sharing the engine.
-        if "TRIMO_EXTRA_CA_CERTS" in os.environ:
-            env["TRIMO_EXTRA_CA_CERTS"] = os.environ["TRIMO_EXTRA_CA_CERTS"]
+        env = trimo_free_env()
         env.update(
             {
                 "PYTHONPATH": str(REPO_ROOT),

@@ -30,8 +30,8 @@ from bot.states import PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import dispatch
 from bot.workspace import Remote, Workspace
-from tests.agent_layers import PREBUILD, extra_ca_certs, sample
-from tests.containers import TEST_OWNER, git
+from tests.agent_layers import PREBUILD, sample
+from tests.containers import TEST_OWNER, extra_ca_certs, git
 from tests.model_fake import SESSION, ModelFake
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]

@@ -26,6 +26,7 @@ from bot.states import PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import WorkerPool, dispatch
 from bot.workspace import Remote, Workspace
+from tests.containers import extra_ca_certs
 from tests.test_run_engine import Trimo, light_repo, wait_for_state
 
 pytestmark = pytest.mark.docker
@@ -73,6 +74,7 @@ def _engine(tmp_path: Path, runtime: DockerRuntime, store: Store, timeout: int) 
         owner=f"test-deadlines:{os.getpid()}",
         secrets=ServerSecrets(Settings(data_dir=data)),
         default_timeout=timeout,
+        extra_ca_certs=extra_ca_certs(),
     )
 
 

@@ -25,7 +25,7 @@ from bot.states import RunState
 from bot.store import Run, Store
 from bot.worker import WorkerPool, worker_id
 from bot.workspace import Remote, Workspace
-from tests.containers import make_repo
+from tests.containers import extra_ca_certs, make_repo
 from tests.engines import (
     SideEngine,
     WorkerProcess,
@@ -202,14 +202,13 @@ def test_a_worker_whose_engine_is_down_at_a_reaper_round_claims_runs_once_it_is_
     make_repo(repo, {"README.md": "# r\n", ".trimo/config.yml": "network:\n  mode: none\n"})
     data = tmp_path / "data"
     store = Store(Store.sqlite_url(data))
-    extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
     engine = Engine(
         store,
         Workspace(data),
         DockerRuntime(second_engine.client(), url=second_engine.url),
         owner=worker_id(),
         secrets=ServerSecrets(Settings(data_dir=data)),
-        extra_ca_certs=Path(extra) if extra else None,
+        extra_ca_certs=extra_ca_certs(),
     )
     pool = WorkerPool(engine, store, lambda run: RunContext(remote=Remote(str(repo))), size=1)
     loop = threading.Thread(target=pool.run_forever, daemon=True)

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import subprocess
 import threading
 import time
@@ -41,7 +40,7 @@ from bot.store.outbox import Outbox, ReportState
 from bot.worker import WorkerPool
 from bot.workspace import Workspace
 from tests.conftest import BACKENDS, GITHUB_FIXTURES, empty_database
-from tests.containers import git, make_repo
+from tests.containers import extra_ca_certs, git, make_repo
 from tests.engines import needs_second_engine
 from tests.git_http import GitHttp, serve_git
 from tests.github_fake import FakeGitHub
@@ -225,13 +224,9 @@ def app(
     param = getattr(request, "param", None)
     options: dict[str, Any] = param if isinstance(param, dict) else {}
     engine_url: str | None = None
-    extra_ca: Path | None = None
     if options.get("second_engine"):
         second = request.getfixturevalue("second_engine")
         docker_client, engine_url = second.client(), second.url
-        # The base it was given is the session's, which carries these (tests/conftest.py).
-        extra = os.environ.get("TRIMO_EXTRA_CA_CERTS")
-        extra_ca = Path(extra) if extra else None
     api = param if isinstance(param, str) else "https://api.github.com"
     remote = tmp_path / "remotes" / f"{REPO}.git"
     work = tmp_path / "work"
@@ -289,7 +284,7 @@ def app(
             DockerRuntime(docker_client, url=engine_url),
             owner="pytest-app",
             secrets=ServerSecrets(settings),
-            extra_ca_certs=extra_ca,
+            extra_ca_certs=extra_ca_certs(),
         )
         pool = WorkerPool(
             engine, store, service.context_for, service.observer_for, size=2, poll_seconds=0.1

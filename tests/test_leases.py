@@ -22,6 +22,7 @@ from bot.states import ACTIVE, LIVE, PipelineKind, RunState
 from bot.store import Run, Store
 from bot.worker import _process_start, reap, worker_id
 from tests.cas_race import canceller, claimer, race_in_threads
+from tests.containers import trimo_free_env
 
 ROUNDS = 40
 HERE = socket.gethostname()
@@ -232,7 +233,7 @@ def test_a_trimo_command_leaves_another_host_s_runs_alone(tmp_path: Path) -> Non
         assert store.claim_run("far:1:1", far.id, host="far", lease=timedelta(0))
         dead = _dead_owner()
         assert store.claim_run(dead, gone.id, host=HERE, lease=timedelta(0))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
+    env = trimo_free_env()
     r = subprocess.run(
         [sys.executable, "-m", "bot", "runs", "ls"],
         env={**env, "TRIMO_DATA_DIR": str(data), "PYTHONPATH": os.getcwd()},

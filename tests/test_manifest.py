@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import socket
 import stat
 import subprocess
@@ -24,6 +23,7 @@ import requests
 
 from tests.browser import browser, page_text  # noqa: F401
 from tests.conftest import GITHUB_FIXTURES
+from tests.containers import trimo_free_env
 from tests.github_fake import served_fake
 
 pytestmark = pytest.mark.docker
@@ -81,8 +81,7 @@ def test_the_app_is_created_from_the_page_and_the_next_start_uses_it(
     url = f"http://127.0.0.1:{port}"
     data = tmp_path / "data"
     with served_fake() as fake:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
-        env.update(
+        env = trimo_free_env(
             TRIMO_DATA_DIR=str(data),
             TRIMO_PORT=str(port),
             TRIMO_API_URL=fake.base_url,

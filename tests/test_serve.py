@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import GITHUB_FIXTURES
+from tests.containers import trimo_free_env
 from tests.github_fake import app_private_key
 
 SECRET = "serve-test-secret"
@@ -30,9 +30,7 @@ def _free_port() -> int:
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
-    env.update({"TRIMO_DATA_DIR": str(tmp_path / "data"), **extra})
-    return env
+    return trimo_free_env(TRIMO_DATA_DIR=str(tmp_path / "data"), **extra)
 
 
 def test_serve_refuses_to_start_without_the_app_id(tmp_path: Path) -> None:

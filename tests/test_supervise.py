@@ -20,7 +20,7 @@ from bot.states import PipelineKind, RunState
 from bot.store import Store
 from bot.supervisor import WorkerSupervisor
 from bot.worker import dispatch
-from tests.containers import git
+from tests.containers import git, trimo_free_env
 from tests.github_fake import app_private_key
 from tests.test_deadlines import build_step_containers
 from tests.test_run_engine import light_repo, wait_for_state
@@ -40,10 +40,7 @@ class Serve:
 
     def __init__(self, tmp_path: Path, command: str = "serve", **env: str) -> None:
         self.data = tmp_path / "data"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
-        # The base image the session built carries these certificates: the same hash, no rebuild.
-        if "TRIMO_EXTRA_CA_CERTS" in os.environ:
-            self.env["TRIMO_EXTRA_CA_CERTS"] = os.environ["TRIMO_EXTRA_CA_CERTS"]
+        self.env = trimo_free_env()
         self.env.update(
             TRIMO_DATA_DIR=str(self.data),
             TRIMO_APP_ID="1",

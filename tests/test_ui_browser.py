@@ -19,7 +19,7 @@ import requests
 from bot.states import RunState
 from bot.store import Store
 from tests.browser import browser, page_text  # noqa: F401
-from tests.containers import make_repo
+from tests.containers import make_repo, trimo_free_env
 from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.docker
@@ -74,8 +74,7 @@ def _wait(pred: Any, timeout: float, what: str) -> Any:
 class Local:
     def __init__(self, tmp: Path) -> None:
         self.data = tmp / "data"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMO_")}
-        self.env["TRIMO_DATA_DIR"] = str(self.data)
+        self.env = trimo_free_env(TRIMO_DATA_DIR=str(self.data))
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, *args: str) -> subprocess.Popen[str]:
