@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +103,8 @@ class App:
     git_http: GitHttp | None = None
     # Seconds GitHub's clock (and the App's) runs ahead of the real one.
     clock_offset: list[float] = field(default_factory=lambda: [0.0])
+    # Lets the workers claim runs, with the option `hold_workers` (until then runs stay queued).
+    start_workers: Callable[[], None] = lambda: None
 
     def deliver(
         self, event: str, data: dict[str, Any], delivery: str | None = None
@@ -220,7 +222,8 @@ def app(
     """Trimo against the fake GitHub; parametrize indirectly with an API URL for GHES, or with
     a dict of options: `write_interval` (seconds between writes per installation), `git_http`
     (git over HTTP with installation tokens checked, instead of plain paths), `second_engine`
-    (runs go to the session's second Docker engine, see tests/engines.py)."""
+    (runs go to the session's second Docker engine, see tests/engines.py), `hold_workers` (no
+    run is claimed until the test calls `App.start_workers`)."""
     param = getattr(request, "param", None)
     options: dict[str, Any] = param if isinstance(param, dict) else {}
     engine_url: str | None = None
@@ -296,8 +299,8 @@ def app(
                 if service.process_pending() == 0:
                     stop.wait(0.1)
 
+        workers = threading.Thread(target=pool.run_forever, daemon=True)
         threads = [
-            threading.Thread(target=pool.run_forever, daemon=True),
             threading.Thread(target=deliveries, daemon=True),
             # As in `trimo worker`: what GitHub did not take at once goes from here.
             threading.Thread(
@@ -306,6 +309,8 @@ def app(
         ]
         for t in threads:
             t.start()
+        if not options.get("hold_workers"):
+            workers.start()
         try:
             yield App(
                 fake,
@@ -317,12 +322,15 @@ def app(
                 tmp_path,
                 git_http,
                 clock_offset,
+                workers.start,
             )
         finally:
             stop.set()
             pool.stop(wait=True)
             for t in threads:
                 t.join(timeout=10)
+            if workers.ident is not None:
+                workers.join(timeout=10)
             # Lanes still answering would reach for GitHub once the fake is gone.
             service.deliveries.wait_idle(60)
             server.shutdown()
@@ -489,6 +497,7 @@ def test_an_engine_restart_mid_run_is_reported_as_the_failure_and_a_retry_succee
     app.wait_for(lambda: "succeeded" in app.tracking(second.id))
 
 
+@pytest.mark.parametrize("app", [{"hold_workers": True}], indirect=True)
 def test_the_report_shows_agent_while_it_works_and_a_pr_check_run_exists_from_queued(
     app: App,
 ) -> None:
@@ -505,6 +514,8 @@ def test_the_report_shows_agent_while_it_works_and_a_pr_check_run_exists_from_qu
     # Created while the run waited in the queue, on the pull request's head.
     assert check["head_sha"] == head
     assert app.fake.check_run_history[check["id"]][0]["status"] == "queued"
+    # No worker was free until now (else a worker can claim the run before the first report).
+    app.start_workers()
 
     app.wait_for(lambda: app.store.get_run(run_id).state == RunState.AGENT, timeout=60)
     # Within the edit interval (and a write) of the agent starting, GitHub shows it.
