@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -164,6 +165,19 @@ def remove_spares(data: Path) -> None:
 
 
 DOWNLOAD_MB = 50
+# The local file server both downloads fetch from: Python's http.server, but sending the file
+# with sendfile(2) as a package mirror's web server does, so the server's own copying does not
+# take the core the network path needs.
+FILE_SERVER = """
+import http.server
+
+class Files(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile):
+        outputfile.flush()
+        self.connection.sendfile(source)
+
+http.server.ThreadingHTTPServer(("", 8080), Files).serve_forever()
+"""
 SERVER = "trimo-bench-files"
 CURL = "curl -s --noproxy '' -o /dev/null -w '%{{speed_download}}\\n' http://{server}:8080/blob"
 
@@ -183,7 +197,7 @@ def download_speeds(rounds: int) -> tuple[list[float], list[float]]:
     runtime.ensure_egress_network()
     script = (
         f"head -c {DOWNLOAD_MB * 1024 * 1024} /dev/zero > /tmp/blob && cd /tmp && "
-        "python3 -m http.server 8080"
+        f"python3 -c {shlex.quote(FILE_SERVER)}"
     )
     subprocess.run(["docker", "rm", "-f", SERVER], check=False, capture_output=True)
     sh(
