@@ -190,6 +190,20 @@ def test_a_run_queued_for_a_delivery_is_that_deliverys_from_the_same_transaction
     assert [r.id for r in store.list_runs()] == [run.id]
 
 
+def test_a_refused_run_is_rejected_as_it_is_recorded_and_never_claimed(store: Store) -> None:
+    """A command from someone without the permission is recorded, but no worker free at that
+    moment can take it: it is never queued."""
+    pipeline = _pipeline(store)
+    run = store.create_run(
+        pipeline.id, trigger="comment", task="t", sender="reader", refused="needs write"
+    )
+    assert run.state is RunState.REJECTED and run.reason == "needs write"
+    assert store.claim_run("w") is None
+    assert store.claim_run("w", run_id=run.id) is None
+    assert store.get_run(run.id).finished_at is not None
+    assert [e.message for e in store.events(run.id, kinds=["state"])] == ["queued", "rejected"]
+
+
 def test_the_first_final_state_wins(store: Store) -> None:
     run = store.create_run(_pipeline(store).id, trigger="label", task="t")
     store.set_state(run.id, RunState.CANCELLED, expect=LIVE, reason="stopped by mona")

@@ -25,7 +25,7 @@ from bot.intents import (
     RunIntent,
     StatusIntent,
 )
-from bot.states import PipelineKind, RunState
+from bot.states import PipelineKind
 from bot.store import Pipeline
 from bot.store.outbox import Report
 from bot.worker import dispatch
@@ -170,15 +170,16 @@ class Commands:
             refusal = self.tell_refusal(intent, permission)
             if refusal is None:
                 return
-            run = self.store.create_run(
+            # Rejected as it is recorded: a worker free at this moment cannot claim it.
+            self.store.create_run(
                 pipeline.id,
                 trigger=intent.trigger,
                 task=task_text(
                     intent.title, intent.body, pipeline.number or 0, pipeline.kind.value
                 ),
                 sender=intent.sender,
+                refused=refusal,
             )
-            self.store.set_state(run.id, RunState.REJECTED, expect=RunState.QUEUED, reason=refusal)
             self.reply(client, intent.repo, pipeline.number or 0, refusal)
             return
         self.react(client, intent)

@@ -49,15 +49,22 @@ class RunQueue(StoreBase):
         agent_command: str | None = None,
         head_sha: str | None = None,
         delivery_key: str | None = None,
+        refused: str | None = None,
     ) -> Run:
         """A new queued run; it appears in the queue when this returns.
 
         With `delivery_key` (the delivery being processed, see bot/github/outbox.py report_key)
         the run is remembered as that delivery's in the same transaction: processing the
-        delivery again, after a failure at any point, finds it and queues no second run."""
+        delivery again, after a failure at any point, finds it and queues no second run.
+
+        With `refused` (why the sender may not start it) the run is recorded as asked for and
+        rejected in the same transaction, so no worker can ever claim it."""
+        now = utcnow()
         row = RunRecord(
             pipeline_id=pipeline_id,
-            state=str(RunState.QUEUED),
+            state=str(RunState.REJECTED if refused is not None else RunState.QUEUED),
+            reason=refused,
+            finished_at=now if refused is not None else None,
             mode=str(mode),
             trigger=trigger,
             sender=sender,
@@ -66,12 +73,14 @@ class RunQueue(StoreBase):
             agent_command=agent_command,
             head_sha=head_sha,
             cancel_requested=False,
-            created_at=utcnow(),
+            created_at=now,
         )
         with self._write() as s:
             s.add(row)
             s.flush()
             s.add(_event_row(row.id, "state", str(RunState.QUEUED), {"trigger": trigger}))
+            if refused is not None:
+                s.add(_event_row(row.id, "state", str(RunState.REJECTED), {"reason": refused}))
             if delivery_key is not None:
                 s.add(DeliveryRunRecord(key=delivery_key, run_id=row.id))
             return run_of(row)
