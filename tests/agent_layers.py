@@ -84,6 +84,10 @@ class Prebuild:
 
     def _build_all(self) -> None:
         client = docker.from_env(timeout=600)
+        # requests reads proxy settings from os.environ on every request; this thread runs
+        # while pytest sets and unsets PYTEST_CURRENT_TEST, and iterating os.environ as it
+        # changes raises KeyError. The engine's socket needs no proxy.
+        client.api.trust_env = False
         try:
             ensure_test_base(client)
             gateway_image(DockerRuntime(client), extra_ca_certs=extra_ca_certs())
