@@ -51,7 +51,7 @@ class RunQueue(StoreBase):
         delivery_key: str | None = None,
         refused: str | None = None,
     ) -> Run:
-        """A new queued run; it appears in the queue when this returns.
+        """A new run, queued (it appears in the queue when this returns) unless `refused`.
 
         With `delivery_key` (the delivery being processed, see bot/github/outbox.py report_key)
         the run is remembered as that delivery's in the same transaction: processing the
@@ -60,11 +60,12 @@ class RunQueue(StoreBase):
         With `refused` (why the sender may not start it) the run is recorded as asked for and
         rejected in the same transaction, so no worker can ever claim it."""
         now = utcnow()
+        rejected = refused is not None
         row = RunRecord(
             pipeline_id=pipeline_id,
-            state=str(RunState.REJECTED if refused is not None else RunState.QUEUED),
+            state=str(RunState.REJECTED if rejected else RunState.QUEUED),
             reason=refused,
-            finished_at=now if refused is not None else None,
+            finished_at=now if rejected else None,
             mode=str(mode),
             trigger=trigger,
             sender=sender,
@@ -79,7 +80,7 @@ class RunQueue(StoreBase):
             s.add(row)
             s.flush()
             s.add(_event_row(row.id, "state", str(RunState.QUEUED), {"trigger": trigger}))
-            if refused is not None:
+            if rejected:
                 s.add(_event_row(row.id, "state", str(RunState.REJECTED), {"reason": refused}))
             if delivery_key is not None:
                 s.add(DeliveryRunRecord(key=delivery_key, run_id=row.id))
