@@ -90,6 +90,24 @@ ENGINE_UNREACHABLE = (
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 
 
+def engine_client(base_url: str | None = None, timeout: int = 60) -> docker.DockerClient:
+    """A client of the engine at `base_url` (else the environment's DOCKER_HOST, as
+    docker.from_env reads it).
+
+    On a local socket it reads no proxy settings from the environment: requests would look them
+    up in os.environ on every call to the engine, which costs time and, on a thread, fails
+    (KeyError) when another thread changes the environment meanwhile. A TCP engine keeps them:
+    one may be reached through a proxy.
+    """
+    if base_url:
+        client = docker.DockerClient(base_url=base_url, timeout=timeout)
+    else:
+        client = docker.from_env(timeout=timeout)
+    if not client.api.base_url.startswith(("http://", "https://")):
+        client.api.trust_env = False
+    return client
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """What a run asks of its container."""
@@ -243,7 +261,7 @@ class DockerRuntime:
         url: str | None = None,
     ):
         if client is None:
-            client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+            client = engine_client(base_url)
         self.client = client
         self._engine_id: str | None = None
         # Given explicitly (else the environment's, as docker.from_env reads it).

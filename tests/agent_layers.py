@@ -24,7 +24,7 @@ from bot import images
 from bot.agents import PRESETS
 from bot.agents.layer import build_agent_layer
 from bot.gateway.sidecar import gateway_image
-from bot.runtime import DockerRuntime
+from bot.runtime import DockerRuntime, engine_client
 from bot.sample import make_sample_repo
 from tests.containers import extra_ca_certs, git
 from tests.locks import engine_key, machine_lock
@@ -83,11 +83,9 @@ class Prebuild:
         self.seconds = time.monotonic() - started
 
     def _build_all(self) -> None:
-        client = docker.from_env(timeout=600)
-        # requests reads proxy settings from os.environ on every request; this thread runs
-        # while pytest sets and unsets PYTEST_CURRENT_TEST, and iterating os.environ as it
-        # changes raises KeyError. The engine's socket needs no proxy.
-        client.api.trust_env = False
+        # This thread runs while pytest sets and unsets PYTEST_CURRENT_TEST: a client that read
+        # the environment on each call would fail now and then (engine_client says why).
+        client = engine_client(timeout=600)
         try:
             ensure_test_base(client)
             gateway_image(DockerRuntime(client), extra_ca_certs=extra_ca_certs())

@@ -17,7 +17,7 @@ import docker
 import docker.errors
 import pytest
 
-from bot.runtime import LABEL_ROLE, LABEL_RUN, LABEL_STORE
+from bot.runtime import LABEL_ROLE, LABEL_RUN, LABEL_STORE, engine_client
 from bot.states import RunState
 from bot.store import Store
 from tests.containers import git, make_repo
@@ -532,3 +532,30 @@ def test_agents_summary_is_shown_as_the_agents(trimo: Trimo, tmp_path: Path) -> 
     assert "tests:    none run" in r.stdout
     shown = trimo("runs", "show", "1", "--json").stdout
     assert '"agent_summary": "All 500 tests pass.\\n"' in shown
+
+
+def test_engine_calls_on_the_local_socket_do_not_read_an_environment_that_changes_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Trimo calls the engine from many threads. requests, left to itself, reads proxy settings
+    from os.environ on every call, and reading it while another thread removes a variable
+    raises KeyError (seen in the test process, where pytest changes PYTEST_CURRENT_TEST). That
+    is simulated here: every read of os.environ's items meets a variable that has just gone."""
+    trimo = engine_client()
+    plain = docker.from_env()
+    try:
+
+        def items_while_changing(self: object) -> object:
+            raise KeyError("TRIMO_JUST_REMOVED")
+
+        monkeypatch.setattr(type(os.environ), "items", items_while_changing)
+        assert trimo.ping()
+        assert isinstance(trimo.containers.list(limit=1), list)
+        # The same call from a client that does read the environment fails: the simulation
+        # is the failure the client avoids.
+        with pytest.raises(KeyError, match="TRIMO_JUST_REMOVED"):
+            plain.ping()
+    finally:
+        monkeypatch.undo()
+        trimo.close()
+        plain.close()

@@ -12,7 +12,7 @@ import docker
 
 from bot.engine import Engine
 from bot.errors import SettingsError
-from bot.runtime import DEFAULT_DOCKER_URL, DockerRuntime
+from bot.runtime import DEFAULT_DOCKER_URL, DockerRuntime, engine_client
 from bot.secrets import LocalSecrets, ServerSecrets
 from bot.settings import Settings
 from bot.store import Store
@@ -64,11 +64,7 @@ class App:
 
 def open_runtime(settings: Settings) -> DockerRuntime:
     try:
-        client = (
-            docker.DockerClient(base_url=settings.docker_url, timeout=600)
-            if settings.docker_url
-            else docker.from_env(timeout=600)
-        )
+        client = engine_client(settings.docker_url, timeout=600)
         client.ping()
     except docker.errors.DockerException as exc:
         url = settings.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL

@@ -13,6 +13,7 @@ import docker
 from bot.cli.common import reap_quietly
 from bot.errors import ImageBuildError, SettingsError, TrimoError
 from bot.images import bootstrap_debian, build_image, ensure_base, list_images
+from bot.runtime import engine_client
 from bot.settings import Settings
 
 
@@ -22,7 +23,7 @@ def _progress(line: str) -> None:
 
 def _client() -> docker.DockerClient:
     try:
-        client = docker.from_env()
+        client = engine_client()
         client.ping()
     except docker.errors.DockerException as exc:
         raise click.ClickException(
