@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from bot.agents import PRESETS
 from bot.egress import PROXY_IMAGE
 from bot.gateway.sidecar import GATEWAY_IMAGE
-from bot.images import BASE_IMAGE, LABEL_CONTEXT
+from bot.images import BASE_IMAGE, HASH_REPO, LABEL_CONTEXT
 from bot.runtime import LABEL_OWNER, LABEL_ROLE, ROLE_SPARE, SPARE_PREFIX, DockerRuntime
 from bot.store import Store
 from tests.agent_layers import PREBUILD, ensure_test_base
@@ -86,6 +86,7 @@ class EngineCleanup:
 
     def __init__(self) -> None:
         self.images: set[str] = set()
+        self.tags: set[str] = set()
         self.networks: set[str] = set()
         self.spares: set[str] = set()
         self.seen = False
@@ -99,7 +100,9 @@ class EngineCleanup:
         except (docker.errors.DockerException, OSError):
             return  # no engine: the session's tests that need one fail on their own
         try:
-            self.images = {img.id for img in client.images.list(all=True)}
+            found = client.images.list(all=True)
+            self.images = {img.id for img in found}
+            self.tags = {tag for img in found for tag in img.tags}
             managed = client.networks.list(filters={"label": "trimo.managed=1"})
             self.networks = {n.id for n in managed}
             spare = {"label": f"{LABEL_ROLE}={ROLE_SPARE}"}
@@ -161,9 +164,21 @@ class EngineCleanup:
         # too; the base image stays, as the engine had it or as the session made it.
         kept = kept_image_ids(client)
         for img in client.images.list():
-            if img.id in self.images or img.id in kept or any(t in KEEP_IMAGES for t in img.tags):
+            if img.id in kept:
+                # A kept layer keeps its content-hash tag, by which the next session finds it;
+                # the names the session's tests gave it go.
+                for tag in set(img.tags) - self.tags - KEEP_IMAGES:
+                    if not tag.startswith(f"{HASH_REPO}:"):
+                        with contextlib.suppress(docker.errors.APIError):
+                            client.images.remove(tag)
                 continue
-            if any(t.startswith(("trimo/", "trimo-test/", "trimo-ctx:")) for t in img.tags):
+            if img.id in self.images or any(t in KEEP_IMAGES for t in img.tags):
+                continue
+            ours = any(t.startswith(("trimo/", "trimo-test/", "trimo-ctx:")) for t in img.tags)
+            # Untagged: a build that lost its tag to another build of the same context at the
+            # same moment (two workers on one engine), or one a test stopped.
+            lost = not img.tags and "dev.trimo.contract" in (img.labels or {})
+            if ours or lost:
                 with contextlib.suppress(docker.errors.APIError):
                     client.images.remove(img.id, force=True)
         # Networks the session's runs made (the engine's egress network included) go as well,
