@@ -10,7 +10,10 @@ HTTP server on the egress network, through a run's proxy against a container fet
 An allowlist run takes the spare proxy the run before it started and starts the next one, as
 runs in a row do; the warm-up run is the one that starts its proxy itself. Each mode is reported
 twice: the whole command, and the seconds until the agent starts (from the run's own progress
-lines), which is what a run of any length waits for.
+lines), which is what a run of any length waits for. The allowlist rows are measured twice: with
+the trivial agent, whose run ends as its agent starts (so the next run's spare proxy, started
+when the agent starts, competes with the run's end for the engine), and with an agent that works
+2 seconds first, as every real agent works longer than that.
 
     python bench/dispatch.py [--rounds 7] [--no-network]
 """
@@ -32,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "trimo/base:bookworm"
 AGENT = "date +%s%N > hello.txt && git add hello.txt && git commit -qm 'Say hello'"
+WORK_SECONDS = 2
+WORKING_AGENT = f"sleep {WORK_SECONDS} && {AGENT}"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "B",
     "GIT_AUTHOR_EMAIL": "b@example.test",
@@ -57,7 +62,9 @@ def trimo_run(repo: Path, data: Path, i: int) -> float:
     return trimo_run_phases(repo, data, i)[0]
 
 
-def trimo_run_phases(repo: Path, data: Path, i: int) -> tuple[float, float, float]:
+def trimo_run_phases(
+    repo: Path, data: Path, i: int, agent: str = AGENT
+) -> tuple[float, float, float]:
     """One `trimo run`: its wall time, the seconds from its start to the agent's (as the run's
     own progress lines tell them: what a run waits before its agent works), and the seconds
     until it printed its summary (the run is over; the process may still finish starting the
@@ -67,7 +74,7 @@ def trimo_run_phases(repo: Path, data: Path, i: int) -> tuple[float, float, floa
     # The same task each round: one pipeline, one warm branch, as a follow-up run would be.
     command = [sys.executable, "-m", "bot", "run", "--repo", str(repo), "--task", "bench task"]
     proc = subprocess.Popen(
-        [*command, "--agent", AGENT],
+        [*command, "--agent", agent],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -111,6 +118,20 @@ def network_repo(path: Path, mode: str) -> Path:
     return path
 
 
+def mode_medians(
+    none_repo: Path, allow_repo: Path, data: Path, rounds: int, agent: str
+) -> dict[str, float]:
+    """Medians of the whole command, the seconds to the agent and to the summary, per mode."""
+    times: dict[str, list[float]] = {}
+    for i in range(rounds):
+        for mode, repo in (("none", none_repo), ("allowlist", allow_repo)):
+            for what, value in zip(
+                ("wall", "agent", "summary"), trimo_run_phases(repo, data, i, agent), strict=True
+            ):
+                times.setdefault(f"{what}_{mode}", []).append(value)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
     """What the run's network and proxy add to a dispatch, and the proxy's download speed."""
     none_repo = network_repo(tmp / "none", "none")
@@ -118,29 +139,36 @@ def network_rows(rounds: int, tmp: Path) -> dict[str, object]:
     data = tmp / "data-net"
     trimo_run(none_repo, data, -1)
     trimo_run(allow_repo, data, -1)
-    times: dict[str, list[float]] = {}
-    for i in range(rounds):
-        for mode, repo in (("none", none_repo), ("allowlist", allow_repo)):
-            for what, value in zip(
-                ("wall", "agent", "summary"), trimo_run_phases(repo, data, i), strict=True
-            ):
-                times.setdefault(f"{what}_{mode}", []).append(value)
+    med = mode_medians(none_repo, allow_repo, data, rounds, AGENT)
+    # The same with an agent that works for a moment, as every real one does: the next run's
+    # spare proxy starts while it works, not while the run is ending.
+    work = mode_medians(none_repo, allow_repo, data, rounds, WORKING_AGENT)
     remove_spares(data)
-    med = {key: statistics.median(values) for key, values in times.items()}
     direct, proxied = download_speeds(max(5, rounds))
     d, p = statistics.median(direct), statistics.median(proxied)
+    rows: dict[str, object] = {}
+    for prefix, m in (("", med), (f"agent_{WORK_SECONDS}s_", work)):
+        rows.update(
+            {
+                f"{prefix}mode_none_median_s": round(m["wall_none"], 3),
+                f"{prefix}mode_allowlist_median_s": round(m["wall_allowlist"], 3),
+                f"{prefix}network_and_proxy_added_s": round(
+                    m["wall_allowlist"] - m["wall_none"], 3
+                ),
+                f"{prefix}to_summary_none_median_s": round(m["summary_none"], 3),
+                f"{prefix}to_summary_allowlist_median_s": round(m["summary_allowlist"], 3),
+                f"{prefix}network_and_proxy_added_to_summary_s": round(
+                    m["summary_allowlist"] - m["summary_none"], 3
+                ),
+                f"{prefix}to_agent_none_median_s": round(m["agent_none"], 3),
+                f"{prefix}to_agent_allowlist_median_s": round(m["agent_allowlist"], 3),
+                f"{prefix}network_and_proxy_added_to_agent_s": round(
+                    m["agent_allowlist"] - m["agent_none"], 3
+                ),
+            }
+        )
     return {
-        "mode_none_median_s": round(med["wall_none"], 3),
-        "mode_allowlist_median_s": round(med["wall_allowlist"], 3),
-        "network_and_proxy_added_s": round(med["wall_allowlist"] - med["wall_none"], 3),
-        "to_summary_none_median_s": round(med["summary_none"], 3),
-        "to_summary_allowlist_median_s": round(med["summary_allowlist"], 3),
-        "network_and_proxy_added_to_summary_s": round(
-            med["summary_allowlist"] - med["summary_none"], 3
-        ),
-        "to_agent_none_median_s": round(med["agent_none"], 3),
-        "to_agent_allowlist_median_s": round(med["agent_allowlist"], 3),
-        "network_and_proxy_added_to_agent_s": round(med["agent_allowlist"] - med["agent_none"], 3),
+        **rows,
         "download_mb": DOWNLOAD_MB,
         "direct_mb_s": round(d, 1),
         "proxied_mb_s": round(p, 1),
@@ -292,6 +320,14 @@ def main() -> None:
         print(
             f"  until the agent starts: allowlist {net['to_agent_allowlist_median_s']}s vs none "
             f"{net['to_agent_none_median_s']}s: {net['network_and_proxy_added_to_agent_s']}s"
+        )
+        w = f"agent_{WORK_SECONDS}s_"
+        print(
+            f"  with an agent that works {WORK_SECONDS}s: allowlist "
+            f"{net[w + 'mode_allowlist_median_s']}s vs none {net[w + 'mode_none_median_s']}s: "
+            f"{net[w + 'network_and_proxy_added_s']}s "
+            f"(until the agent starts {net[w + 'network_and_proxy_added_to_agent_s']}s, "
+            f"until the summary {net[w + 'network_and_proxy_added_to_summary_s']}s)"
         )
         print(
             f"{DOWNLOAD_MB} MB through the proxy {net['proxied_mb_s']} MB/s vs direct "
