@@ -228,13 +228,66 @@ def build_image(
         raise ImageBuildError(f"no {dockerfile} in {context}", [])
     digest = context_hash(context, dockerfile, client, buildargs)
     tag = tag or default_tag(context, digest, name)
-    existing = None if nocache else find_by_hash(client, digest)
-    if existing:
-        repo, _, version = tag.rpartition(":")
-        client.api.tag(existing, repo, version)
-        say(f"image {tag} is up to date (context {digest[:12]}): nothing to build")
-        return BuildResult(tag, existing, digest, False, time.monotonic() - started)
+    # Runs of one repository that start together (five slots, one new Dockerfile) build its
+    # image once: the others wait and reuse it, rather than each building the same image and
+    # leaving all but the last untagged on the engine.
+    with _one_build(client, digest, tag, say, started, timeout, stop):
+        existing = None if nocache else find_by_hash(client, digest)
+        if existing:
+            repo, _, version = tag.rpartition(":")
+            client.api.tag(existing, repo, version)
+            say(f"image {tag} is up to date (context {digest[:12]}): nothing to build")
+            return BuildResult(tag, existing, digest, False, time.monotonic() - started)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return _build(
+            client, context, tag, dockerfile, digest, nocache, buildargs, say, started, left, stop
+        )
 
+
+_builds: dict[tuple[str, str], threading.Lock] = {}
+_builds_lock = threading.Lock()
+
+
+@contextmanager
+def _one_build(
+    client: docker.DockerClient,
+    digest: str,
+    tag: str,
+    say: Progress,
+    started: float,
+    timeout: float | None,
+    stop: threading.Event | None,
+) -> Iterator[None]:
+    """Held while this process builds (or looks up) `digest` on the client's engine; a second
+    caller waits, within its own timeout and stop, and then finds the image built."""
+    with _builds_lock:
+        lock = _builds.setdefault((str(client.api.base_url), digest), threading.Lock())
+    if not lock.acquire(blocking=False):
+        say(f"waiting for the build of context {digest[:12]} already under way")
+        while not lock.acquire(timeout=0.25):
+            if stop is not None and stop.is_set():
+                raise ImageBuildError(BUILD_STOPPED.format(tag=tag), [])
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise ImageBuildError(BUILD_TIMED_OUT.format(tag=tag, seconds=f"{timeout:g}"), [])
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build(
+    client: docker.DockerClient,
+    context: Path,
+    tag: str,
+    dockerfile: str,
+    digest: str,
+    nocache: bool,
+    buildargs: dict[str, str] | None,
+    say: Progress,
+    started: float,
+    timeout: float | None,
+    stop: threading.Event | None,
+) -> BuildResult:
     say(f"building {tag} from {context} (context {digest[:12]})")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     image_id = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from bot.cli import cli
-from bot.images import LABEL_HASH, context_hash
+from bot.errors import ImageBuildError
+from bot.images import LABEL_HASH, BuildResult, build_image, context_hash
 from tests.engine_proxy import EngineProxy
 
 pytestmark = pytest.mark.docker
@@ -73,6 +76,91 @@ def test_unchanged_context_is_not_built_again(
         _build(third, str(context), "--tag", tag)
     assert any(p.split("?")[0].endswith("/build") for p in third.paths("POST"))
     assert docker_client.images.get(tag).id != image_id
+
+
+def test_runs_that_need_one_new_image_at_once_build_it_once(
+    base_image: str, context: Path, tag: str, docker_client: docker.DockerClient
+) -> None:
+    """Four runs of one repository start together after its Dockerfile changed: one builds the
+    image, the other three wait for it and reuse it, and the engine holds one image of that
+    context (before, each built its own and three were left untagged)."""
+    results: list[BuildResult] = []
+    said: list[list[str]] = []
+    errors: list[BaseException] = []
+    go = threading.Barrier(4)
+
+    def run() -> None:
+        lines: list[str] = []
+        said.append(lines)
+        try:
+            go.wait(10)
+            results.append(build_image(docker_client, context, tag=tag, progress=lines.append))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert sorted(r.built for r in results) == [False, False, False, True]
+    assert len({r.image_id for r in results}) == 1
+    digest = results[0].context_hash
+    same = docker_client.images.list(filters={"label": f"{LABEL_HASH}={digest}"})
+    assert [img.id for img in same] == [results[0].image_id]
+    # The three that did not build said why: they waited for the build, and it was there.
+    reused = [lines for lines in said if any("up to date" in line for line in lines)]
+    assert len(reused) == 3, said
+    assert any("already under way" in line for lines in reused for line in lines), said
+
+
+def test_a_run_waiting_for_another_runs_build_stops_when_it_is_stopped(
+    base_image: str, context: Path, tag: str, docker_client: docker.DockerClient
+) -> None:
+    (context / "Dockerfile").write_text("FROM trimo/base:bookworm\nCOPY hello.txt /\nRUN sleep 4\n")
+    building = threading.Event()
+
+    def first_said(line: str) -> None:
+        if line.startswith("building"):
+            building.set()
+
+    first = threading.Thread(
+        target=build_image,
+        args=(docker_client, context),
+        kwargs={"tag": tag, "progress": first_said},
+    )
+    first.start()
+    try:
+        waiting = threading.Event()
+        stop = threading.Event()
+
+        def said(line: str) -> None:
+            if "already under way" in line:
+                waiting.set()
+
+        outcome: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                build_image(docker_client, context, tag=tag, progress=said, stop=stop)
+            except ImageBuildError as exc:
+                outcome.append(exc)
+
+        deadline = time.monotonic() + 30
+        waiter = threading.Thread(target=second)
+        # The second asks once the first build is under way.
+        assert building.wait(30), "the first build never started"
+        waiter.start()
+        assert waiting.wait(max(0.0, deadline - time.monotonic())), "the second run never waited"
+        stopped_at = time.monotonic()
+        stop.set()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        assert time.monotonic() - stopped_at < 2
+        assert outcome and "was stopped" in str(outcome[0])
+    finally:
+        first.join(120)
 
 
 def test_failed_build_shows_its_last_lines(base_image: str, context: Path, tag: str) -> None:
