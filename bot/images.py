@@ -238,10 +238,8 @@ def build_image(
             client.api.tag(existing, repo, version)
             say(f"image {tag} is up to date (context {digest[:12]}): nothing to build")
             return BuildResult(tag, existing, digest, False, time.monotonic() - started)
-        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return _build(
-            client, context, tag, dockerfile, digest, nocache, buildargs, say, started, left, stop
-        )
+        build = (client, context, tag, dockerfile, digest, nocache, buildargs)
+        return _build(*build, say, started, timeout, stop)
 
 
 _builds: dict[tuple[str, str], threading.Lock] = {}
@@ -294,7 +292,9 @@ def _build(
     hooks = client.api.hooks.setdefault("response", [])
     if _remember_build not in hooks:
         hooks.append(_remember_build)
-    with _BuildDeadline(timeout, stop) as deadline:
+    # `timeout` counts from the call: time spent waiting for another build of it is part of it.
+    left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+    with _BuildDeadline(left, stop) as deadline:
         try:
             for line in _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs):
                 tail.append(line)
