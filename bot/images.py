@@ -238,8 +238,43 @@ def build_image(
             client.api.tag(existing, repo, version)
             say(f"image {tag} is up to date (context {digest[:12]}): nothing to build")
             return BuildResult(tag, existing, digest, False, time.monotonic() - started)
-        build = (client, context, tag, dockerfile, digest, nocache, buildargs)
-        return _build(*build, say, started, timeout, stop)
+        say(f"building {tag} from {context} (context {digest[:12]})")
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        image_id = None
+        hooks = client.api.hooks.setdefault("response", [])
+        if _remember_build not in hooks:
+            hooks.append(_remember_build)
+        # `timeout` counts from the call: waiting for another build of it is part of it.
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        with _BuildDeadline(left, stop) as deadline:
+            try:
+                lines = _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs)
+                for line in lines:
+                    tail.append(line)
+                    if line.startswith("Step ") or line.startswith("Successfully"):
+                        say(f"[{time.monotonic() - started:5.1f}s] {line}")
+                    m = re.match(r"Successfully built ([0-9a-f]+)", line)
+                    if m:
+                        image_id = m.group(1)
+                    if line.startswith("ERROR: ") and not deadline.expired.is_set():
+                        raise ImageBuildError(f"building {tag} failed: {line[7:]}", list(tail))
+            except ImageBuildError:
+                raise
+            except Exception:
+                if not deadline.expired.is_set():
+                    raise
+            if deadline.expired.is_set():
+                if deadline.stop.is_set():
+                    raise ImageBuildError(BUILD_STOPPED.format(tag=tag), list(tail))
+                raise ImageBuildError(
+                    BUILD_TIMED_OUT.format(tag=tag, seconds=f"{timeout:g}"), list(tail)
+                )
+        if image_id is None:
+            raise ImageBuildError(f"building {tag} failed", list(tail))
+        full_id = str(client.images.get(tag).id)
+        client.api.tag(full_id, HASH_REPO, digest)
+        say(f"built {tag} in {time.monotonic() - started:.1f}s")
+        return BuildResult(tag, full_id, digest, True, time.monotonic() - started)
 
 
 _builds: dict[tuple[str, str], threading.Lock] = {}
@@ -271,57 +306,6 @@ def _one_build(
         yield
     finally:
         lock.release()
-
-
-def _build(
-    client: docker.DockerClient,
-    context: Path,
-    tag: str,
-    dockerfile: str,
-    digest: str,
-    nocache: bool,
-    buildargs: dict[str, str] | None,
-    say: Progress,
-    started: float,
-    timeout: float | None,
-    stop: threading.Event | None,
-) -> BuildResult:
-    say(f"building {tag} from {context} (context {digest[:12]})")
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    image_id = None
-    hooks = client.api.hooks.setdefault("response", [])
-    if _remember_build not in hooks:
-        hooks.append(_remember_build)
-    # `timeout` counts from the call: time spent waiting for another build of it is part of it.
-    left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-    with _BuildDeadline(left, stop) as deadline:
-        try:
-            for line in _build_lines(client, context, tag, dockerfile, digest, nocache, buildargs):
-                tail.append(line)
-                if line.startswith("Step ") or line.startswith("Successfully"):
-                    say(f"[{time.monotonic() - started:5.1f}s] {line}")
-                m = re.match(r"Successfully built ([0-9a-f]+)", line)
-                if m:
-                    image_id = m.group(1)
-                if line.startswith("ERROR: ") and not deadline.expired.is_set():
-                    raise ImageBuildError(f"building {tag} failed: {line[7:]}", list(tail))
-        except ImageBuildError:
-            raise
-        except Exception:
-            if not deadline.expired.is_set():
-                raise
-        if deadline.expired.is_set():
-            if deadline.stop.is_set():
-                raise ImageBuildError(BUILD_STOPPED.format(tag=tag), list(tail))
-            raise ImageBuildError(
-                BUILD_TIMED_OUT.format(tag=tag, seconds=f"{timeout:g}"), list(tail)
-            )
-    if image_id is None:
-        raise ImageBuildError(f"building {tag} failed", list(tail))
-    full_id = str(client.images.get(tag).id)
-    client.api.tag(full_id, HASH_REPO, digest)
-    say(f"built {tag} in {time.monotonic() - started:.1f}s")
-    return BuildResult(tag, full_id, digest, True, time.monotonic() - started)
 
 
 def _build_lines(
